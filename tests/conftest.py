@@ -1,0 +1,14 @@
+"""Test set-up: without a GPU, Triton kernels run in the Triton interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` function is created, so it is set here, before
+the test modules import dit_sparse.kernels.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
