@@ -1,21 +1,55 @@
 """dit-sparse: sparse attention for diffusion transformers through fused Triton kernels.
 
-Public API (see README.md):
+Public API (see README.md)::
 
-* :class:`BlockLayout` - per query block, the key blocks kept (the kernels' input)
-* :class:`TokenLayout` - the video token grid and its permutation into 3D-tile order
+    from dit_sparse import SparseAttentionConfig, apply_sparse_attention, remove_sparse_attention
+    apply_sparse_attention(pipe, SparseAttentionConfig.preset("fast"))
+    video = pipe(prompt, num_frames=81, height=480, width=832).frames[0]
+    print(pipe.transformer.sparse_attention_stats())
+    remove_sparse_attention(pipe)
+
+Building blocks: :class:`BlockLayout` (per query block, the key blocks kept: the kernels' input),
+:class:`TokenLayout` (video token grid and its 3D-tile permutation), the patterns in
+:mod:`dit_sparse.patterns`, :class:`PatternCache`, :class:`StepSchedule`, and the kernels in
+:mod:`dit_sparse.kernels`.
+
+Names are imported lazily, so ``import dit_sparse`` loads neither Triton nor diffusers.
 """
+
+from __future__ import annotations
+
+import importlib
 
 from .block_layout import BlockLayout
 
-__all__ = ["BlockLayout", "TokenLayout"]
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "TokenLayout": ".layout",
+    "PatternCache": ".cache",
+    "CacheKey": ".cache",
+    "StepSchedule": ".schedule",
+    "StepState": ".schedule",
+    "Decision": ".schedule",
+    "StepCache": ".step_cache",
+    "SparseAttentionConfig": ".config",
+    "apply_sparse_attention": ".apply",
+    "remove_sparse_attention": ".apply",
+    "SparseAttnProcessor": ".processors",
+    "SparseLinearAttention": ".sla",
+}
+
+__all__ = ["BlockLayout", *_LAZY]
 
 
 def __getattr__(name):
-    # Lazy imports keep `import dit_sparse` cheap (no Triton, no diffusers until needed).
-    if name == "TokenLayout":
-        from .layout import TokenLayout
-
-        return TokenLayout
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'dit_sparse' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

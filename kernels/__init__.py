@@ -5,7 +5,7 @@ launchers, the autograd Function / custom op, the public function with validatio
 with the plain PyTorch reference that the tests compare against.
 """
 
-__all__ = ["block_sparse_attention", "sparse_linear_attention"]
+__all__ = ["block_sparse_attention", "sparse_linear_attention", "block_scores"]
 
 
 def __getattr__(name):
@@ -17,4 +17,8 @@ def __getattr__(name):
         from .sparse_linear import sparse_linear_attention
 
         return sparse_linear_attention
+    if name == "block_scores":
+        from .block_score import block_scores
+
+        return block_scores
     raise AttributeError(f"module 'dit_sparse.kernels' has no attribute {name!r}")

@@ -6,7 +6,11 @@ the test modules import dit_sparse.kernels.
 
 import os
 
-import torch
+# The interpreter runs tl.dot as a numpy matmul; multi-threaded OpenBLAS on a small, busy machine made
+# it about 300x slower. Must be set before numpy/torch load OpenBLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

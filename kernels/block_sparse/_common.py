@@ -1,0 +1,82 @@
+"""Shared constants and helpers of the block-sparse attention kernels (supported sizes, tuning mode,
+whether Hopper TMA descriptors may be used).
+
+Kept apart from the kernels so the public API can validate inputs without importing Triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED_HEAD_DIMS = (64, 96, 128)
+SUPPORTED_BLOCK_SIZES = (64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The power-of-two tile width a head dim is computed at (96 -> 128, masked loads)."""
+    return 64 if head_dim <= 64 else 128
+
+
+def new_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    """Allocate a kernel output. Tests replace this with a NaN-filled allocator to catch unwritten tiles.
+
+    With ``shape=None`` the result has ``like``'s shape and, where ``like`` is dense, its strides, so an
+    output follows the memory format of the input (a ``[B, S, H, D]`` buffer seen as ``[B, H, S, D]``
+    stays so, which makes the caller's transpose back free).
+    """
+    if shape is None:
+        return torch.empty_like(like, dtype=dtype)
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def broadcast_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """Strides of a ``[B, H, ...]`` layout / tensor with size-1 broadcast dims reported as 0."""
+    return tuple(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride()))
+
+
+def tma_eligible(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels may read these ``[B, H, S, D]`` tensors through TMA tensor descriptors.
+
+    TMA needs a GPU of compute capability >= 9 (Hopper) and, per (batch, head), a 16-byte aligned base
+    and 16-byte aligned row strides. The CPU interpreter emulates descriptors, so it qualifies too.
+    Anything else takes the pointer path (same results).
+    """
+    if not tensors:
+        return False
+    dev = tensors[0].device
+    if dev.type == "cuda":
+        if torch.cuda.get_device_capability(dev)[0] < 9:
+            return False
+    elif not interpreting():
+        return False
+    for t in tensors:
+        item = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((stride * item) % 16 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1):
+            return False
+    return True
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_tma_allocator(device: torch.device) -> None:
+    """Give Triton a scratch allocator (in-kernel TMA descriptors live in global memory) unless one is set."""
+    if device.type != "cuda":
+        return
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)

@@ -1,0 +1,215 @@
+"""Forward Triton kernel of block-sparse attention and its launcher.
+
+One program computes one layout query block (``BLOCK_M = block_q`` rows) of one (batch, head). It loads
+its query tile once, then walks the key blocks listed in ``kv_indices`` (``kv_counts`` of them), each in
+``BLOCK_KV // BLOCK_N`` steps, with an online softmax in the exp2 domain and fp32 accumulators.
+Interior key blocks are loaded without masks; only the last key block of the sequence (when
+``kv_len % block_kv != 0``) is loaded masked, in a separate step after the main loop - the ascending
+order of the index list puts it last.
+
+Variants, chosen per config (the autotuner compares them on the GPU, ``FwdConfig`` selects one by hand):
+
+* ``USE_TMA``: K / V tiles come through Hopper TMA tensor descriptors built in-kernel per (batch, head)
+  (shape ``[kv_len, D]``, so tail rows and padded head-dim columns arrive as zeros) instead of pointer
+  loads; only when the launcher found the tensors TMA-eligible (``TMA_OK``), else the pointer path.
+* ``WARP_SPEC``: the main loop asks Triton for automatic warp specialization (producer / consumer
+  partitions); sweep-only, see ``FWD_TUNE_SPACE``.
+* Rows whose query block keeps every key block (a dense layout, text rows of MM-DiT) walk the keys in
+  order without reading the index list - no dependent index load in front of each K / V load.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import LOG2E, broadcast_strides, interpreting, new_output, padded_head_dim
+
+__all__ = ["block_sparse_fwd", "FWD_TUNE_SPACE"]
+
+# (BLOCK_N, num_warps, num_stages) candidates on the GPU; the autotuner keys on head dim, block sizes
+# and dtype. FWD_TUNE_SPACE is the wider sweep scripts/bench_kernels.py --tune measures.
+_FWD_GPU_CONFIGS = [(128, 8, 3), (128, 8, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 4)]
+FWD_TUNE_SPACE = [(64, 4, 3), (64, 4, 4), (64, 8, 2), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3)]
+
+
+def _configs():
+    if interpreting():  # several configs need a GPU driver to benchmark; the launcher overrides this one
+        return [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in _FWD_GPU_CONFIGS]
+
+
+def _prune(configs, named_args, **kwargs):
+    block_kv = kwargs.get("BLOCK_KV", named_args.get("BLOCK_KV"))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= block_kv]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _fwd_step(
+    acc, l_i, m_i, q, k_base, v_base, start, kv_len, stride_ks, stride_vs, qk_scale,
+    offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASK_KV: tl.constexpr,
+):
+    offs_kv = start + offs_n
+    # K is read transposed ([D, BLOCK_N]) so the dot is a plain q @ k^T.
+    k_ptrs = k_base + offs_kv[None, :] * stride_ks + offs_d[:, None]
+    v_ptrs = v_base + offs_kv[:, None] * stride_vs + offs_d[None, :]
+    if MASK_KV:
+        kv_ok = offs_kv < kv_len
+        if HEAD_DIM != HEAD_DIM_PAD:
+            k = tl.load(k_ptrs, mask=kv_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=kv_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
+    else:
+        if HEAD_DIM != HEAD_DIM_PAD:
+            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+    qk = tl.dot(q, k)
+    if MASK_KV:
+        qk = tl.where(kv_ok[None, :], qk, float("-inf"))
+    # qk_scale = scale * log2(e) > 0, so the row max of the scaled logits is the scaled row max.
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_ij
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_KV"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, O, LSE, KV_COUNTS, KV_INDICES,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im,
+    H, q_len, kv_len, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, EVEN_KV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_ok = offs_m < q_len
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    count = tl.load(KV_COUNTS + b * stride_cb + h * stride_ch + pid_m * stride_cm)
+    idx_base = KV_INDICES + b * stride_ib + h * stride_ih + pid_m * stride_im
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    SUB: tl.constexpr = BLOCK_KV // BLOCK_N
+    n_main = count
+    n_tail = 0
+    if not EVEN_KV:
+        # The partial last key block, if kept, is the last entry of the ascending list.
+        last_block = tl.cdiv(kv_len, BLOCK_KV) - 1
+        last = tl.load(idx_base + tl.maximum(count - 1, 0))
+        n_tail = tl.where((count > 0) & (last == last_block), 1, 0)
+        n_main = count - n_tail
+
+    for it in range(0, n_main * SUB):
+        blk = tl.load(idx_base + it // SUB)
+        start = blk * BLOCK_KV + (it % SUB) * BLOCK_N
+        start = tl.multiple_of(start, BLOCK_N)
+        acc, l_i, m_i = _fwd_step(
+            acc, l_i, m_i, q, k_base, v_base, start, kv_len, stride_ks, stride_vs, qk_scale, offs_n, offs_d,
+            HEAD_DIM, HEAD_DIM_PAD, False,
+        )
+    if not EVEN_KV:
+        tail_start = (tl.cdiv(kv_len, BLOCK_KV) - 1) * BLOCK_KV
+        for sub in range(0, n_tail * SUB):
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, k_base, v_base, tail_start + sub * BLOCK_N, kv_len, stride_ks, stride_vs,
+                qk_scale, offs_n, offs_d, HEAD_DIM, HEAD_DIM_PAD, True,
+            )
+
+    # Rows of a query block without key blocks have l_i == 0: output 0 and lse = -inf, never NaN.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc * (1.0 / l_safe)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=row_ok)
+
+
+def block_sparse_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_counts: torch.Tensor,
+    kv_indices: torch.Tensor,
+    scale: float,
+    block_q: int,
+    block_kv: int,
+    config: tuple[int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on validated inputs.
+
+    Args:
+        q: ``[B, H, Sq, D]``; k, v: ``[B, H, Skv, D]``; last dim contiguous, fp16 / bf16 / fp32.
+        kv_counts: int32 ``[B|1, H|1, Mq]``; kv_indices: int32 ``[B|1, H|1, Mq, Mk]``, last dim contiguous.
+        scale: softmax scale (> 0).
+        config: ``(BLOCK_N, num_warps, num_stages)`` to bypass the autotuner (benchmark sweeps).
+
+    Returns:
+        ``o`` ``[B, H, Sq, D]`` (q's dtype and, where dense, its strides) and ``lse`` fp32 ``[B, H, Sq]``
+        (natural log; ``-inf`` for rows without key blocks).
+    """
+    B, H, Sq, D = q.shape
+    Skv = k.shape[2]
+    o = new_output(q)
+    lse = new_output(q, (B, H, Sq), torch.float32)
+    if Sq == 0 or B * H == 0:
+        return o, lse
+    cs = broadcast_strides(kv_counts)
+    is_ = broadcast_strides(kv_indices)
+    grid = (triton.cdiv(Sq, block_q), B * H)
+    args = (
+        q, k, v, o, lse, kv_counts, kv_indices,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        cs[0], cs[1], cs[2],
+        is_[0], is_[1], is_[2],
+        H, Sq, Skv, scale * LOG2E,
+    )
+    meta = dict(
+        HEAD_DIM=D, HEAD_DIM_PAD=padded_head_dim(D), BLOCK_M=block_q, BLOCK_KV=block_kv,
+        EVEN_KV=Skv % block_kv == 0,
+    )
+    if config is None and interpreting():
+        # Whole layout blocks per step: the interpreter's cost grows with the number of steps.
+        config = (block_kv, 4, 1)
+    if config is None:
+        _block_sparse_fwd_kernel[grid](*args, **meta)
+    else:
+        bn, warps, stages = config
+        _block_sparse_fwd_kernel.fn[grid](*args, **meta, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return o, lse

@@ -1,0 +1,416 @@
+"""Tests of block-sparse attention: the Triton kernels (CPU interpreter) and the PyTorch gather backend,
+forward and gradients, against the dense masked reference in fp64."""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dit_sparse import BlockLayout
+from dit_sparse.kernels.block_sparse import (
+    block_sparse_attention,
+    block_sparse_attention_reference,
+    block_sparse_attention_torch,
+)
+from dit_sparse.kernels.block_sparse import triton_bwd, triton_fwd
+from dit_sparse.kernels.block_sparse.function import block_sparse_fwd_op
+from dit_sparse.kernels.block_sparse.layout_ops import cached_transpose, transpose_layout_tensors
+
+
+def _single_thread_blas() -> None:
+    """The interpreter's tl.dot is a numpy matmul; multi-threaded OpenBLAS on a loaded 2-core machine
+    makes a 128x128x64 product ~300x slower than one thread does."""
+    for lib in glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "libscipy_openblas*.so")):
+        handle = ctypes.CDLL(lib)
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(handle, name):
+                getattr(handle, name)(1)
+                return
+
+
+_single_thread_blas()
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET), reason="no GPU and no interpreter")
+FEW = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def assert_close(name: str, ref: torch.Tensor, actual: torch.Tensor, ratio: float, floor: float = 0.0) -> None:
+    """Relative RMS error ``rms(actual - ref) / max(rms(ref), floor) <= ratio`` (plus 1e-6 absolute).
+
+    ``floor`` is the scale of the quantities the result is computed from, for results that are 0 in exact
+    arithmetic but not in rounding (dK of a single key: a softmax over one key has zero gradient).
+    """
+    assert actual.shape == ref.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    diff = (actual.double() - ref.double()).pow(2).mean().sqrt().item() if ref.numel() else 0.0
+    base = ref.double().pow(2).mean().sqrt().item() if ref.numel() else 0.0
+    base = max(base, floor)
+    assert diff <= ratio * base + 1e-6, f"{name}: relative RMS error {diff / max(base, 1e-30):.3g} > {ratio}"
+
+
+def random_layout(b, h, q_len, kv_len, block_q, block_kv, density, seed) -> BlockLayout:
+    """Layout whose blocks are kept with probability ``density`` (0 and 1 give empty / dense)."""
+    mq, mk = math.ceil(q_len / block_q), math.ceil(kv_len / block_kv)
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, h, mq, mk, generator=g) < density
+    return BlockLayout.from_block_mask_tensor(mask, q_len, kv_len, block_q, block_kv)
+
+
+def make_qkv(b, h, q_len, kv_len, d, dtype, seed, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, s, d, generator=g).to(device=device, dtype=dtype) for s in (q_len, kv_len, kv_len)]
+
+
+def run_with_grads(fn, q, k, v, do):
+    """``fn(q, k, v)`` and the gradients of ``<o, do>``; returns ``o, dq, dk, dv``."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    o = fn(q, k, v)
+    o.backward(do.to(o.dtype))
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def reference_with_grads(q, k, v, layout, do, scale=None):
+    return run_with_grads(
+        lambda a, b, c: block_sparse_attention_reference(a, b, c, layout.to(a.device), scale=scale),
+        q.double(), k.double(), v.double(), do.double(),
+    )
+
+
+TOL = {torch.float16: (3e-3, 1e-2), torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 4e-2)}
+
+
+def check_against_reference(q, k, v, layout, backend, scale=None):
+    fwd_tol, grad_tol = TOL[q.dtype]
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q.device)
+    ref = reference_with_grads(q, k, v, layout, do, scale)
+    out = run_with_grads(lambda a, b, c: block_sparse_attention(a, b, c, layout, scale=scale, backend=backend),
+                         q, k, v, do)
+    floor = ref[0].pow(2).mean().sqrt().item() if ref[0].numel() else 0.0  # output scale sets dP's scale
+    for name, r, a, tol in zip(("o", "dq", "dk", "dv"), ref, out, (fwd_tol, grad_tol, grad_tol, grad_tol)):
+        assert a.dtype == q.dtype, f"{name} dtype {a.dtype}"
+        assert_close(f"{backend} {name}", r, a, tol, floor=0.0 if name == "o" else floor)
+
+
+shapes = st.fixed_dictionaries(
+    {
+        "bh": st.sampled_from([(1, 1), (2, 1), (1, 2)]),
+        "q_len": st.integers(1, 300),
+        "kv_len": st.integers(1, 300),
+        "d": st.sampled_from([64, 96, 128]),
+        "block_q": st.sampled_from([64, 128]),
+        "block_kv": st.sampled_from([64, 128]),
+        "density": st.sampled_from([0.0, 0.5, 1.0]),
+        "broadcast": st.booleans(),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+def _case(p, dtype):
+    b, h = p["bh"]
+    lb, lh = (1, 1) if p["broadcast"] else (b, h)
+    layout = random_layout(lb, lh, p["q_len"], p["kv_len"], p["block_q"], p["block_kv"], p["density"], p["seed"])
+    q, k, v = make_qkv(b, h, p["q_len"], p["kv_len"], p["d"], dtype, p["seed"])
+    return q, k, v, layout.to(DEVICE)
+
+
+# --------------------------------------------------------------------------------------------- kernels
+@needs_triton
+@FEW
+@given(p=shapes, dtype=st.sampled_from([torch.float16, torch.float32]))
+def test_triton_matches_reference(p, dtype):
+    q, k, v, layout = _case(p, dtype)
+    check_against_reference(q, k, v, layout, "triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("q_len,kv_len,bq,bkv", [(150, 140, 128, 128), (100, 170, 64, 128)])
+def test_triton_sub_block_steps(q_len, kv_len, bq, bkv):
+    """Tile sizes smaller than the layout blocks (the GPU configs): several steps per layout block."""
+    q, k, v = make_qkv(1, 1, q_len, kv_len, 64, torch.float32, 3)
+    layout = random_layout(1, 1, q_len, kv_len, bq, bkv, 0.7, 11).to(DEVICE)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ref = reference_with_grads(q, k, v, layout, do)
+    o, lse = triton_fwd.block_sparse_fwd(q, k, v, layout.kv_counts, layout.kv_indices, 0.125, bq, bkv,
+                                         config=(32, 4, 1))
+    qc, qi = transpose_layout_tensors(layout.kv_counts, layout.kv_indices, layout.num_q_blocks)
+    grads = triton_bwd.block_sparse_bwd(
+        do, None, q, k, v, o, lse, layout.kv_counts, layout.kv_indices, qc, qi, 0.125, bq, bkv,
+        dkdv_config=(32, 32, 4, 1), dq_config=(32, 32, 4, 1),
+    )
+    for name, r, a in zip(("o", "dq", "dk", "dv"), ref, (o, *grads)):
+        assert_close(name, r, a, 1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_query_blocks_give_zeros(backend):
+    """Query blocks without key blocks: exact zeros, lse = -inf, zero gradients, no NaN anywhere."""
+    q, k, v = make_qkv(1, 2, 200, 190, 64, torch.float16, 5)
+    mask = torch.ones(1, 2, 4, 2, dtype=torch.bool)
+    mask[0, 0, 1] = False
+    mask[0, 1, 3] = False
+    layout = BlockLayout.from_block_mask_tensor(mask, 200, 190, 64, 128).to(DEVICE)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    o, lse = block_sparse_attention(q, k, v, layout, backend=backend, return_lse=True)
+    (o.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
+    assert torch.equal(o[0, 0, 64:128], torch.zeros_like(o[0, 0, 64:128]))
+    assert torch.equal(o[0, 1, 192:], torch.zeros_like(o[0, 1, 192:]))
+    assert torch.isinf(lse[0, 0, 64:128]).all() and (lse[0, 0, 64:128] < 0).all()
+    assert torch.isfinite(lse[0, 0, :64]).all()
+    assert torch.equal(q.grad[0, 0, 64:128], torch.zeros_like(q.grad[0, 0, 64:128]))
+    for t in (o, q.grad, k.grad, v.grad):
+        assert not torch.isnan(t).any()
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_all_empty_layout(backend):
+    q, k, v = make_qkv(1, 1, 70, 90, 64, torch.float32, 2)
+    layout = random_layout(1, 1, 70, 90, 64, 64, 0.0, 0).to(DEVICE)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    o = block_sparse_attention(q, k, v, layout, backend=backend)
+    o.sum().backward()
+    for t in (o, q.grad, k.grad, v.grad):
+        assert torch.equal(t, torch.zeros_like(t))
+
+
+@needs_triton
+def test_kernels_write_every_element(monkeypatch):
+    """Outputs allocated NaN-filled: any element a kernel leaves unwritten shows up as NaN."""
+
+    def nan_output(like, shape=None, dtype=None):
+        if shape is None:
+            return torch.full_like(like, float("nan"), dtype=dtype)
+        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
+
+    monkeypatch.setattr(triton_fwd, "new_output", nan_output)
+    monkeypatch.setattr(triton_bwd, "new_output", nan_output)
+    q, k, v = make_qkv(1, 2, 190, 140, 96, torch.float16, 9)
+    layout = random_layout(1, 2, 190, 140, 128, 64, 0.5, 4).to(DEVICE)
+    o, dq, dk, dv = run_with_grads(lambda a, b, c: block_sparse_attention(a, b, c, layout, backend="triton"),
+                                   q, k, v, torch.randn(q.shape).to(DEVICE))
+    for name, t in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not torch.isnan(t).any(), f"{name} has unwritten elements"
+
+
+@needs_triton
+def test_return_lse_and_its_gradient():
+    q, k, v = make_qkv(1, 2, 150, 170, 64, torch.float32, 8)
+    layout = random_layout(1, 2, 150, 170, 64, 64, 0.6, 8).to(DEVICE)
+    w = torch.randn(1, 2, 150).to(DEVICE)
+
+    def loss(fn, a, b, c):
+        o, lse = fn(a, b, c)
+        finite = torch.isfinite(lse)
+        return o.sum() + (torch.where(finite, lse, torch.zeros_like(lse)) * w.to(lse.dtype)).sum(), lse
+
+    results = []
+    for fn, cast in (
+        (lambda a, b, c: block_sparse_attention_reference(a, b, c, layout, return_lse=True), torch.float64),
+        (lambda a, b, c: block_sparse_attention(a, b, c, layout, return_lse=True, backend="triton"), torch.float32),
+        (lambda a, b, c: block_sparse_attention(a, b, c, layout, return_lse=True, backend="torch"), torch.float32),
+    ):
+        a, b, c = (t.detach().to(cast, copy=True).requires_grad_(True) for t in (q, k, v))
+        total, lse = loss(fn, a, b, c)
+        total.backward()
+        results.append((lse.detach(), a.grad, b.grad, c.grad))
+    for got in results[1:]:
+        fin = torch.isfinite(results[0][0])
+        assert torch.equal(fin, torch.isfinite(got[0]))
+        assert_close("lse", results[0][0][fin], got[0][fin], 1e-5)
+        for name, r, a in zip(("dq", "dk", "dv"), results[0][1:], got[1:]):
+            assert_close(f"lse-grad {name}", r, a, 1e-4)
+
+
+@needs_triton
+def test_strided_inputs_and_output_layout():
+    """q/k/v as [B, S, H, D] buffers seen as [B, H, S, D]: same result; o keeps that memory format."""
+    b, s, h, d = 2, 130, 2, 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
+    layout = random_layout(1, h, s, s, 64, 64, 0.5, 1).to(DEVICE)
+    o = block_sparse_attention(q, k, v, layout, backend="triton")
+    o_contig = block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, backend="triton")
+    assert torch.equal(o, o_contig)
+    assert o.stride() == q.stride()
+
+
+# --------------------------------------------------------------------------------------------- torch backend
+@settings(max_examples=15, deadline=None)
+@given(p=shapes, dtype=st.sampled_from([torch.float16, torch.float32]))
+def test_torch_backend_matches_reference(p, dtype):
+    q, k, v, layout = _case(p, dtype)
+    check_against_reference(q.cpu(), k.cpu(), v.cpu(), layout.to("cpu"), "torch")
+
+
+def test_torch_backend_chunks_query_blocks(monkeypatch):
+    """A tiny chunk budget forces one query block per chunk: same result."""
+    from dit_sparse.kernels.block_sparse import naive
+
+    q, k, v = make_qkv(1, 2, 260, 200, 32, torch.float32, 6, device="cpu")
+    layout = random_layout(1, 2, 260, 200, 64, 64, 0.5, 6)
+    whole = block_sparse_attention_torch(q, k, v, layout)
+    monkeypatch.setattr(naive, "_CHUNK_ELEMENTS", 1)
+    assert_close("chunked", whole, block_sparse_attention_torch(q, k, v, layout), 1e-6)
+
+
+# --------------------------------------------------------------------------------------------- layouts
+@settings(max_examples=30, deadline=None)
+@given(p=shapes)
+def test_transpose_matches_block_layout(p):
+    layout = random_layout(*p["bh"], p["q_len"], p["kv_len"], p["block_q"], p["block_kv"], p["density"], p["seed"])
+    qc, qi = transpose_layout_tensors(layout.kv_counts, layout.kv_indices, layout.num_q_blocks)
+    lt = layout.transpose()
+    assert torch.equal(qc, lt.kv_counts) and torch.equal(qi, lt.kv_indices)
+
+
+def test_transpose_cache_follows_in_place_edits():
+    layout = random_layout(1, 1, 256, 256, 64, 64, 0.5, 3)
+    first = cached_transpose(layout.kv_counts, layout.kv_indices, 4)
+    assert cached_transpose(layout.kv_counts, layout.kv_indices, 4) is first
+    new = random_layout(1, 1, 256, 256, 64, 64, 0.5, 4)
+    layout.kv_counts.copy_(new.kv_counts)
+    layout.kv_indices.copy_(new.kv_indices)
+    qc, qi = cached_transpose(layout.kv_counts, layout.kv_indices, 4)
+    assert torch.equal(qc, new.transpose().kv_counts) and torch.equal(qi, new.transpose().kv_indices)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_flex_block_mask_input(backend):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    q, k, v = make_qkv(1, 2, 256, 256, 64, torch.float16, 12)
+
+    def local(b, h, q_idx, kv_idx):  # block-diagonal band: q block i sees key blocks i-1..i+1
+        return (q_idx // 128 - kv_idx // 128).abs() <= 1
+
+    bm = create_block_mask(local, None, None, 256, 256, device=DEVICE, BLOCK_SIZE=128)
+    expected = BlockLayout.from_block_mask(bm)
+    assert torch.equal(expected.to_block_mask_tensor()[0, 0], torch.tensor([[True, True], [True, True]]))
+    got = block_sparse_attention(q, k, v, bm, backend=backend)
+    assert torch.equal(got, block_sparse_attention(q, k, v, expected, backend=backend))
+    mask = torch.tensor([[True, False], [True, True]]).view(1, 1, 2, 2)
+    layout = BlockLayout.from_block_mask_tensor(mask, 256, 256, 128, 128).to(DEVICE)
+    got = block_sparse_attention(q, k, v, layout.to_flex_block_mask(), backend=backend)
+    assert torch.equal(got, block_sparse_attention(q, k, v, layout, backend=backend))
+
+
+# --------------------------------------------------------------------------------------------- compile
+@needs_triton
+def test_torch_compile_fullgraph_matches_eager():
+    q, k, v = make_qkv(1, 2, 140, 140, 64, torch.float32, 13)
+    layout = random_layout(1, 2, 140, 140, 128, 64, 0.7, 13).to(DEVICE)
+    do = torch.randn(q.shape).to(DEVICE)
+
+    def fn(a, b, c):
+        return block_sparse_attention(a, b, c, layout, backend="triton") * 2.0
+
+    eager = run_with_grads(fn, q, k, v, do)
+    torch._dynamo.reset()
+    compiled = run_with_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), q, k, v, do)
+    for name, e, c in zip(("o", "dq", "dk", "dv"), eager, compiled):
+        assert_close(f"compiled {name}", e, c, 1e-6)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake kernel and autograd registration agree with the real kernels (torch.library.opcheck)."""
+    if not (torch.cuda.is_available() or INTERPRET):
+        pytest.skip("no GPU and no interpreter")
+    q, k, v = make_qkv(1, 1, 70, 64, 64, torch.float32, 14)
+    layout = random_layout(1, 1, 70, 64, 64, 64, 1.0, 0).to(DEVICE)
+    qc, qi = transpose_layout_tensors(layout.kv_counts, layout.kv_indices, layout.num_q_blocks)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    args = (q, k, v, layout.kv_counts, layout.kv_indices, qc, qi, 0.125, 64, 64)
+    torch.library.opcheck(block_sparse_fwd_op, args, test_utils=("test_schema", "test_faketensor",
+                                                                 "test_autograd_registration"))
+
+
+# --------------------------------------------------------------------------------------------- errors
+def _err_case(**over):
+    q, k, v = make_qkv(1, 2, 128, 128, 64, torch.float32, 0, device="cpu")
+    layout = random_layout(1, 2, 128, 128, 64, 64, 1.0, 0)
+    args = dict(q=q, k=k, v=v, layout=layout, backend="torch")
+    args.update(over)
+    return args
+
+
+def _bad_layout(kind):
+    layout = random_layout(1, 2, 128, 128, 64, 64, 1.0, 0)
+    c, i = layout.kv_counts.clone(), layout.kv_indices.clone()
+    if kind == "count":
+        c[0, 0, 0] = 3
+    elif kind == "index":
+        i[0, 0, 0, 1] = 2
+    elif kind == "order":
+        i[0, 0, 0] = torch.tensor([1, 0], dtype=torch.int32)
+    elif kind == "dtype":
+        return BlockLayout(c.long(), i.long(), 128, 128, 64, 64)
+    return BlockLayout(c, i, 128, 128, 64, 64)
+
+
+_q = make_qkv(1, 2, 128, 128, 64, torch.float32, 0, device="cpu")[0]
+ERROR_CASES = {
+    "rank": (dict(q=_q[0]), "4-D tensor"),
+    "dtype mismatch": (dict(k=_q.half()), "share one dtype"),
+    "unsupported dtype": (dict(q=_q.double(), k=_q.double(), v=_q.double()), "not supported"),
+    "batch/heads": (dict(k=_q[:, :1], v=_q[:, :1]), "share batch and heads"),
+    "head dim": (dict(k=torch.zeros(1, 2, 128, 32), v=torch.zeros(1, 2, 128, 32)), "share the head dim"),
+    "k/v length": (dict(v=torch.zeros(1, 2, 64, 64)), "same length"),
+    "layout length": (dict(q=torch.zeros(1, 2, 100, 64)), "build the layout for these lengths"),
+    "layout heads": (dict(layout=random_layout(1, 3, 128, 128, 64, 64, 1.0, 0)), "broadcast"),
+    "layout int32": (dict(layout=_bad_layout("dtype")), "int32"),
+    "count range": (dict(layout=_bad_layout("count")), "kv_counts must lie"),
+    "index range": (dict(layout=_bad_layout("index")), "kv_indices must lie"),
+    "index order": (dict(layout=_bad_layout("order")), "ascending"),
+    "scale": (dict(scale=-1.0), "scale must be positive"),
+    "backend name": (dict(backend="cuda"), "backend must be one of"),
+    "layout type": (dict(layout=torch.ones(1, 1, 2, 2)), "BlockLayout or a FlexAttention BlockMask"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_value_errors(case):
+    over, message = ERROR_CASES[case]
+    args = _err_case(**over)
+    with pytest.raises(ValueError, match=message):
+        block_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("layout"), **args)
+
+
+def test_device_mismatch_error():
+    args = _err_case()
+    meta_layout = args["layout"].to("meta")
+    with pytest.raises(ValueError, match="one device"):
+        block_sparse_attention(args["q"], args["k"], args["v"], meta_layout, backend="torch")
+
+
+@needs_triton
+@pytest.mark.parametrize("over,message", [
+    (dict(q=torch.zeros(1, 2, 128, 80), k=torch.zeros(1, 2, 128, 80), v=torch.zeros(1, 2, 128, 80)), "head_dim 80"),
+    (dict(layout=random_layout(1, 2, 128, 128, 32, 64, 1.0, 0)), "block_q=32"),
+    (dict(layout=random_layout(1, 2, 128, 128, 64, 256, 1.0, 0)), "block_kv=256"),
+])
+def test_triton_shape_errors(over, message):
+    args = _err_case(**over)
+    with pytest.raises(ValueError, match=message):
+        block_sparse_attention(args["q"], args["k"], args["v"], args["layout"], backend="triton")
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    args = _err_case()
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        block_sparse_attention(args["q"], args["k"], args["v"], args["layout"], backend="triton")
+
