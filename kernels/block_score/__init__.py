@@ -1,1 +1,14 @@
-"""(being written)"""
+"""Block scoring (``dit_sparse.kernels.block_score``): mean-pooled query blocks against mean-pooled,
+centred key blocks, for ranking key blocks cheaply (TopK patterns, sparse-linear block selection, the
+pattern cache's drift check).
+
+* ``api.py``          - :func:`block_scores` (validation, backend dispatch)
+* ``pool_score.py``   - Triton kernels + launchers (mean pooling, pooled scoring)
+* ``torch_backend.py``- vectorised PyTorch path for CPU
+* ``naive.py``        - readable fp32 reference for tests
+"""
+
+from .api import block_scores
+from .naive import naive_block_scores
+
+__all__ = ["block_scores", "naive_block_scores"]

@@ -1,0 +1,139 @@
+"""Spatial / temporal heads (Sparse VideoGen, https://arxiv.org/abs/2502.01776): in video DiTs some heads
+attend within a frame (spatial heads), others to the same place across frames (temporal heads).
+
+* spatial mask: a query block keeps the key blocks of its own frame group(s). Frames are grouped in runs
+  of ``spatial_frames``; groups within ``temporal_radius`` of the query's groups are kept too.
+* temporal mask: a query block keeps the key blocks, in every frame, whose (h, w) extent overlaps its
+  own, widened by ``spatial_radius`` tokens.
+
+Block extents are the min/max grid coordinates of their video tokens (:meth:`TokenLayout.block_coords`);
+a block that wraps to the next tile row has a wide extent, so the masks may keep a little more than the
+ideal per-token ones, never less. Pure-text blocks keep nothing here (union with ``TextAlwaysOn``).
+
+Which head is which is decided per (batch, head), as Sparse VideoGen does: a few query rows are sampled,
+their dense softmax is computed against all keys, and the head takes the mask that keeps more of the
+sampled attention mass. :meth:`SpatioTemporal.classify` exposes the decision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..block_layout import BlockLayout
+from .base import Pattern, PatternContext
+
+__all__ = ["SpatioTemporal", "HeadClassification"]
+
+
+@dataclass(frozen=True)
+class HeadClassification:
+    """Result of :meth:`SpatioTemporal.classify`, all ``[B, H]``.
+
+    * ``is_temporal``: bool, True for temporal heads, False for spatial heads
+    * ``spatial_recall`` / ``temporal_recall``: fp32 mean softmax mass of the sampled rows kept by each mask
+    """
+
+    is_temporal: torch.Tensor
+    spatial_recall: torch.Tensor
+    temporal_recall: torch.Tensor
+
+    def labels(self) -> list[list[str]]:
+        """``"spatial"`` / ``"temporal"`` per batch, per head."""
+        return [["temporal" if t else "spatial" for t in row] for row in self.is_temporal.tolist()]
+
+
+def _nonneg_int(v, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"SpatioTemporal {what} must be an int >= 0, got {v!r}")
+    return v
+
+
+class SpatioTemporal(Pattern):
+    """Spatial or temporal mask per (batch, head), chosen from sampled queries.
+
+    Args:
+        spatial_frames: frames per spatial group (1: each frame alone).
+        temporal_radius: spatial heads also keep groups up to this many groups away.
+        spatial_radius: temporal heads' (h, w) overlap is widened by this many tokens.
+        num_samples: query rows sampled (among video tokens) to classify heads.
+        seed: seed of the row sampling (the same rows for every head; deterministic).
+
+    Dynamic: ``build(ctx, q, k)`` needs q, k ``[B, H, S, D]`` in tile order; layout ``[B, H, Mq, Mk]``.
+    The last classification made by :meth:`build` stays in :attr:`last_classification`.
+    """
+
+    needs_qk = True
+
+    def __init__(self, spatial_frames: int = 1, temporal_radius: int = 0, spatial_radius: int = 0,
+                 num_samples: int = 64, seed: int = 0):
+        if not isinstance(spatial_frames, int) or isinstance(spatial_frames, bool) or spatial_frames <= 0:
+            raise ValueError(f"SpatioTemporal spatial_frames must be a positive int, got {spatial_frames!r}")
+        self.spatial_frames = spatial_frames
+        self.temporal_radius = _nonneg_int(temporal_radius, "temporal_radius")
+        self.spatial_radius = _nonneg_int(spatial_radius, "spatial_radius")
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples <= 0:
+            raise ValueError(f"SpatioTemporal num_samples must be a positive int, got {num_samples!r}")
+        self.num_samples = num_samples
+        self.seed = int(seed)
+        self.last_classification: HeadClassification | None = None
+
+    @property
+    def name(self) -> str:
+        return (f"spatiotemporal_f{self.spatial_frames}_tr{self.temporal_radius}"
+                f"_sr{self.spatial_radius}_n{self.num_samples}")
+
+    # ------------------------------------------------------------------ candidate masks
+    def spatial_mask(self, ctx: PatternContext) -> torch.Tensor:
+        """bool ``[Mq, Mk]``: key blocks sharing a frame group (+/- ``temporal_radius`` groups)."""
+        qc, kc = ctx.q_coords, ctx.kv_coords
+        f, r = self.spatial_frames, self.temporal_radius
+        q_lo, q_hi = (qc.t_min // f)[:, None] - r, (qc.t_max // f)[:, None] + r
+        k_lo, k_hi = (kc.t_min // f)[None, :], (kc.t_max // f)[None, :]
+        keep = (k_lo <= q_hi) & (k_hi >= q_lo)
+        return keep & qc.has_video[:, None] & kc.has_video[None, :]
+
+    def temporal_mask(self, ctx: PatternContext) -> torch.Tensor:
+        """bool ``[Mq, Mk]``: key blocks in any frame whose (h, w) extent meets the query's."""
+        qc, kc = ctx.q_coords, ctx.kv_coords
+        r = self.spatial_radius
+        keep = qc.has_video[:, None] & kc.has_video[None, :]
+        for lo, hi in (("h_min", "h_max"), ("w_min", "w_max")):
+            q_lo, q_hi = getattr(qc, lo)[:, None] - r, getattr(qc, hi)[:, None] + r
+            keep &= (getattr(kc, lo)[None, :] <= q_hi) & (getattr(kc, hi)[None, :] >= q_lo)
+        return keep
+
+    # ------------------------------------------------------------------ classification
+    def classify(self, ctx: PatternContext, q: torch.Tensor, k: torch.Tensor,
+                 scale: float | None = None) -> HeadClassification:
+        """Spatial or temporal, per (batch, head), from sampled rows of dense attention.
+
+        q, k: ``[B, H, S, D]`` tile order. Cost O(num_samples * S) per head, never O(S^2).
+        """
+        ctx.check_qk(q, k)
+        spatial, temporal = self.spatial_mask(ctx), self.temporal_mask(ctx)
+        rows = self._sample_rows(ctx)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        logits = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * scale  # [B, H, n, S]
+        probs = torch.softmax(logits, dim=-1)
+        q_blocks = rows // ctx.block_q
+        k_blocks = torch.arange(ctx.seq_len, device=ctx.device) // ctx.block_kv
+        recalls = []
+        for mask in (spatial, temporal):
+            kept = mask[q_blocks][:, k_blocks]  # [n, S] token mask of the sampled rows
+            recalls.append((probs * kept).sum(-1).mean(-1))
+        return HeadClassification(recalls[1] > recalls[0], recalls[0], recalls[1])
+
+    def _sample_rows(self, ctx: PatternContext) -> torch.Tensor:
+        v = ctx.token_layout.video_len
+        g = torch.Generator().manual_seed(self.seed)
+        rows = torch.randperm(v, generator=g)[: self.num_samples]
+        return rows.sort().values.to(ctx.device)
+
+    def _build(self, ctx: PatternContext, q, k) -> BlockLayout:
+        cls = self.classify(ctx, q, k)
+        self.last_classification = cls
+        mask = torch.where(cls.is_temporal[:, :, None, None], self.temporal_mask(ctx), self.spatial_mask(ctx))
+        return ctx.layout_from_mask(mask)

@@ -1,0 +1,25 @@
+"""Always-on text for MM-DiT / text-in-sequence models (CogVideoX, HunyuanVideo, Flux): blocks holding
+text tokens attend to everything (text rows) and are attended by everything (text columns).
+
+Text tokens sit in their own trailing blocks in tile order (:mod:`dit_sparse.layout`); the one block
+that may mix the last video tokens with the first text tokens counts as text.
+"""
+
+from __future__ import annotations
+
+from ..block_layout import BlockLayout
+from .base import Pattern, PatternContext
+
+__all__ = ["TextAlwaysOn"]
+
+
+class TextAlwaysOn(Pattern):
+    """Dense rows and columns for text blocks; layout ``[1, 1, Mq, Mk]`` (empty when ``text_len == 0``)."""
+
+    @property
+    def name(self) -> str:
+        return "text_always_on"
+
+    def _build(self, ctx: PatternContext, q=None, k=None) -> BlockLayout:
+        q_text, k_text = ctx.q_coords.is_text, ctx.kv_coords.is_text
+        return ctx.layout_from_mask(q_text[:, None] | k_text[None, :])

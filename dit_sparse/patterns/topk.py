@@ -1,0 +1,87 @@
+"""Dynamic top-k block selection from pooled scores: per (batch, head, query block), keep the key blocks
+with the highest mean-pooled logits (:func:`dit_sparse.kernels.block_score.block_scores`).
+
+Two rules, exactly one per pattern:
+
+* ``ratio``: keep ``ceil(ratio * Mk)`` key blocks;
+* ``threshold``: keep the fewest key blocks whose softmax mass over pooled logits reaches ``threshold``.
+  A block stands for all its tokens, so its mass is weighted by its length (``logit + log(length)``):
+  the short tail block does not count as much as a full one. ``threshold=1`` keeps every block.
+
+Both keep at least ``min_blocks``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..block_layout import BlockLayout, cdiv
+from .base import Pattern, PatternContext
+
+__all__ = ["TopK"]
+
+
+class TopK(Pattern):
+    """Top key blocks per query block and head, by pooled score.
+
+    Args:
+        ratio: fraction of key blocks kept, in (0, 1].
+        threshold: softmax mass to reach, in (0, 1].
+        min_blocks: keep at least this many key blocks (capped by the number of key blocks).
+        scale: logit scale for the pooled scores, default ``1 / sqrt(D)``.
+
+    Dynamic: ``build(ctx, q, k)`` with q, k ``[B, H, S, D]`` in tile order; layout ``[B, H, Mq, Mk]``.
+    """
+
+    needs_qk = True
+
+    def __init__(self, ratio: float | None = None, threshold: float | None = None, min_blocks: int = 1,
+                 scale: float | None = None):
+        if (ratio is None) == (threshold is None):
+            raise ValueError("TopK takes exactly one of ratio= (fraction of key blocks) or threshold= (softmax mass)")
+        for what, v in (("ratio", ratio), ("threshold", threshold)):
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
+                raise ValueError(f"TopK {what} must be in (0, 1], got {v!r}")
+        if not isinstance(min_blocks, int) or isinstance(min_blocks, bool) or min_blocks < 1:
+            raise ValueError(f"TopK min_blocks must be an int >= 1, got {min_blocks!r}")
+        self.ratio = None if ratio is None else float(ratio)
+        self.threshold = None if threshold is None else float(threshold)
+        self.min_blocks = min_blocks
+        self.scale = scale
+
+    @property
+    def name(self) -> str:
+        rule = f"r{self.ratio:g}" if self.ratio is not None else f"t{self.threshold:g}"
+        return f"topk_{rule}" + (f"_min{self.min_blocks}" if self.min_blocks != 1 else "")
+
+    def _build(self, ctx: PatternContext, q, k) -> BlockLayout:
+        from ..kernels.block_score import block_scores
+
+        scores = block_scores(q, k, ctx.block_q, ctx.block_kv, scale=self.scale)  # [B, H, Mq, Mk]
+        return ctx.layout_from_mask(self.select(scores, ctx.seq_len, ctx.block_kv))
+
+    def select(self, scores: torch.Tensor, kv_len: int, block_kv: int) -> torch.Tensor:
+        """bool ``[..., Mq, Mk]`` mask of the key blocks kept from pooled ``scores`` ``[..., Mq, Mk]``."""
+        mk = scores.shape[-1]
+        if mk != cdiv(kv_len, block_kv):
+            raise ValueError(f"scores have {mk} key blocks but kv_len={kv_len}, block_kv={block_kv} needs "
+                             f"{cdiv(kv_len, block_kv)}")
+        floor = min(self.min_blocks, mk)
+        if self.ratio is not None:
+            n = max(floor, min(mk, math.ceil(self.ratio * mk)))
+            keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+            return keep.scatter_(-1, scores.topk(n, dim=-1).indices, True)
+        if self.threshold >= 1.0:  # every block has some mass: all of it needs all of them
+            return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        # fp64 masses: in fp32 the running sum can reach a threshold near 1 a few blocks early.
+        lengths = torch.full((mk,), float(block_kv), device=scores.device, dtype=torch.float64)
+        lengths[-1] = kv_len - block_kv * (mk - 1)
+        ordered, order = (scores.double() + lengths.log()).sort(dim=-1, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        mass_before = probs.cumsum(-1) - probs
+        count = (mass_before < self.threshold).sum(-1, keepdim=True).clamp(min=floor)
+        ranks = torch.arange(mk, device=scores.device)
+        keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        return keep.scatter_(-1, order, ranks < count)
