@@ -1,0 +1,83 @@
+"""Named speed presets for :class:`~dit_sparse.config.SparseAttentionConfig`.
+
+Each preset is a set of config fields plus a one-line description. ``measured`` holds the speed and
+quality numbers of a preset once they are measured on a GPU: they come from ``scripts/bench_e2e.py``
+(``benchmarks/e2e.json``: time per step and speedup over dense cuDNN attention, Wan 2.1 1.3B at 480p)
+and the quality reports of ``scripts/`` - never typed in by hand. Until then ``measured`` is ``None``.
+
+Presets, from closest-to-dense to fastest::
+
+    dense     our code path with every block kept (a reference; no speed-up)
+    quality   wide 3D tile windows, long dense warm-up
+    balanced  3x3x3-tile windows plus top-k blocks, 20% dense warm-up
+    fast      3x3x3-tile windows, short warm-up
+    turbo     fast + attention outputs reused on every other step after the warm-up
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import SparseAttentionConfig
+
+__all__ = ["Preset", "PRESETS", "preset_config", "describe_presets"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named config: ``fields`` are :class:`SparseAttentionConfig` keyword arguments.
+
+    ``measured`` is ``None`` until filled from GPU benchmark output (see the module docstring).
+    """
+
+    name: str
+    description: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    measured: dict[str, Any] | None = None
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "dense",
+            "every block kept through dit-sparse's own path: a reference for quality, no speed-up",
+            {"mode": "dense", "pattern": "dense", "dense_steps": 0},
+        ),
+        Preset(
+            "quality",
+            "wide 5x5x5-tile windows with a first-frame sink and 30% dense warm-up steps",
+            {"pattern": "tile3d", "window": (5, 5, 5), "first_frame_sink": 1, "dense_steps": 0.3},
+        ),
+        Preset(
+            "balanced",
+            "3x3x3-tile windows plus the top 5% key blocks per query block, 20% dense warm-up steps",
+            {"pattern": "tile3d+topk", "window": (3, 3, 3), "topk_ratio": 0.05, "dense_steps": 0.2, "refresh_every": 5},
+        ),
+        Preset(
+            "fast",
+            "3x3x3-tile windows, 10% dense warm-up steps",
+            {"pattern": "tile3d", "window": (3, 3, 3), "dense_steps": 0.1},
+        ),
+        Preset(
+            "turbo",
+            "fast, plus each layer's attention output computed every other sparse step and reused in between",
+            {"pattern": "tile3d", "window": (3, 3, 3), "dense_steps": 0.1, "reuse_every": 2, "reuse_mode": "output"},
+        ),
+    )
+}
+
+
+def preset_config(name: str, **overrides) -> SparseAttentionConfig:
+    """A fresh :class:`SparseAttentionConfig` for preset ``name`` with ``overrides`` applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    fields = {**PRESETS[name].fields, **overrides}
+    fields.setdefault("preset_name", name)
+    return SparseAttentionConfig(**fields)
+
+
+def describe_presets() -> str:
+    """One line per preset: ``name: description`` (for ``--help`` texts)."""
+    return "\n".join(f"{p.name}: {p.description}" for p in PRESETS.values())

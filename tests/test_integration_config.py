@@ -1,0 +1,91 @@
+"""SparseAttentionConfig validation and serialisation, and the named presets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dit_sparse.config import SparseAttentionConfig
+from dit_sparse.engine import SparseAttentionEngine, build_pattern
+from dit_sparse.presets import PRESETS, describe_presets
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    pattern=st.sampled_from(["tile3d", "spatiotemporal", "tile3d+topk", "topk", "dense"]),
+    window=st.tuples(*[st.integers(1, 7)] * 3),
+    ratio=st.floats(0.01, 1.0),
+    dense_steps=st.one_of(st.integers(0, 50), st.floats(0.0, 0.99)),
+    reuse=st.one_of(st.none(), st.integers(1, 4)),
+    layers=st.lists(st.integers(0, 40), max_size=4),
+)
+def test_to_dict_from_dict_round_trip_through_json(pattern, window, ratio, dense_steps, reuse, layers):
+    topk = "topk" in pattern
+    cfg = SparseAttentionConfig(pattern=pattern, window=window, topk_ratio=ratio if topk else None,
+                                dense_steps=dense_steps, reuse_every=reuse, dense_layers=layers)
+    again = SparseAttentionConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert again.dense_layers == tuple(sorted(set(layers)))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"mode": "fast"}, "mode must be one of"),
+    ({"pattern": "tile3d+blah"}, "unknown pattern 'blah'"),
+    ({"pattern": "topk"}, "exactly one of topk_ratio"),
+    ({"pattern": "topk", "topk_ratio": 0.1, "topk_threshold": 0.9}, "exactly one of topk_ratio"),
+    ({"topk_ratio": 0.1}, "has no topk"),
+    ({"pattern": "topk", "topk_ratio": 1.5}, r"in \(0, 1\]"),
+    ({"window": (3, 3)}, "window must be a"),
+    ({"tile": (4, 0, 4)}, "tile must be a"),
+    ({"block_size": 100}, "block_size must be one of"),
+    ({"dense_steps": 1.5}, r"fraction of the steps and must be in \[0, 1\)"),
+    ({"dense_steps": -1}, "dense_steps must be >= 0"),
+    ({"reuse_every": 0}, "reuse_every must be None or an int >= 1"),
+    ({"reuse_mode": "both"}, "reuse_mode must be one of"),
+    ({"drift_threshold": -0.1}, "drift_threshold"),
+    ({"dense_layers": [1], "skip_layers": [1]}, "both dense_layers and skip_layers"),
+    ({"backend": "cuda"}, "backend must be one of"),
+    ({"text_always_on": 1}, "text_always_on must be True or False"),
+])
+def test_bad_fields_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SparseAttentionConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown SparseAttentionConfig keys"):
+        SparseAttentionConfig.from_dict({"sparsity": 0.9})
+
+
+def test_presets_build_valid_configs_and_patterns():
+    assert set(PRESETS) == {"quality", "balanced", "fast", "turbo", "dense"}
+    for name, preset in PRESETS.items():
+        cfg = SparseAttentionConfig.preset(name)
+        assert cfg.preset_name == name and preset.description and preset.measured is None
+        assert build_pattern(cfg, text_len=16).name
+        SparseAttentionEngine(cfg)
+    assert len(describe_presets().splitlines()) == len(PRESETS)
+    assert SparseAttentionConfig.preset("fast", dense_steps=0.3).dense_steps == 0.3
+    with pytest.raises(ValueError, match="unknown preset 'ultra'"):
+        SparseAttentionConfig.preset("ultra")
+
+
+def test_preset_copies_are_independent():
+    a = SparseAttentionConfig.preset("fast")
+    a.dense_steps = 0.5
+    assert SparseAttentionConfig.preset("fast").dense_steps != 0.5
+
+
+def test_pattern_union_follows_config():
+    cfg = SparseAttentionConfig(pattern="tile3d+topk", topk_ratio=0.1, first_frame_sink=1)
+    assert build_pattern(cfg, text_len=0).name == "tile3d_w3x3x3+topk_r0.1+first_frame_sink_f1"
+    assert "text_always_on" in build_pattern(cfg, text_len=8).name
+    assert build_pattern(SparseAttentionConfig(mode="dense"), 8).name == "dense"
+
+
+def test_sla_mode_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="mode='sla' needs"):
+        SparseAttentionEngine(SparseAttentionConfig(mode="sla"))
