@@ -47,6 +47,8 @@ SUPPORTED_HEAD_DIMS = (64, 96, 128)
 # Query rows per chunk when text keys are attended densely next to the kernel (bounds fp32 logits memory).
 _TEXT_CHUNK_ELEMENTS = 1 << 26
 _MAX_TIMINGS = 100_000
+# Cache owner of static patterns' layouts (the same for every layer).
+_STATIC_LAYER = "<static>"
 
 
 def build_pattern(config: SparseAttentionConfig, text_len: int = 0):
@@ -275,7 +277,9 @@ class SparseAttentionEngine:
         bs = self.config.block_size
         ctx = PatternContext(tl, batch=b, heads=h, block_q=bs, block_kv=bs, device=q.device)
         masked = text_valid is not None and tl.text_len > 0
-        cache_key = CacheKey(plan.layer.name, pattern.name, (tl, b if pattern.needs_qk else 1, h), plan.branch)
+        # A static pattern (no q/k) gives every layer the same layout: build it once for all layers.
+        owner = plan.layer.name if pattern.needs_qk else _STATIC_LAYER
+        cache_key = CacheKey(owner, pattern.name, (tl, b if pattern.needs_qk else 1, h), plan.branch)
 
         def build():
             return pattern.build(ctx, qp, kp) if pattern.needs_qk else pattern.build(ctx)

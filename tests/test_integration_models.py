@@ -76,7 +76,9 @@ def test_sparse_config_differs_with_expected_density(case, stock_out):
     expected = build_pattern(SPARSE, case.text_len).build(PatternContext(tl, block_q=64, block_kv=64)).density()
     assert stats["density"] == pytest.approx(float(expected.mean()), rel=1e-5)
     assert 0.0 < stats["density"] < 1.0
-    assert stats["cache"]["misses"] == stats["layers"]
+    # tile3d is static (no q/k): one layout serves every layer, built once.
+    assert stats["cache"]["misses"] == 1
+    assert stats["cache"]["hits"] == stats["layers"] - 1
 
 
 def test_remove_restores_original_processors_bit_identical(case, stock_out):
