@@ -3,10 +3,17 @@
 For each shape (Wan-480p: B1 H12 S32760 D128; Hunyuan-720p: B1 H24 S118800 D128; bf16) and density
 (random 128x128 block masks keeping round(density * Mk) key blocks per query block, at least one; the
 SAME mask for FlexAttention and ours), it times forward and forward+backward, after checking ours
-against FlexAttention. Writes ``<out>/kernels.json`` and ``<out>/kernels.md`` and prints a compact table.
+against FlexAttention at every (shape, density) it times. Writes ``<out>/kernels.json`` and
+``<out>/kernels.md`` and prints a compact table.
+
+``--tune`` first sweeps our kernel variants at Wan-480p 25% - forward pointer vs TMA descriptor loads,
+warp specialization, tiles / warps / stages; backward dQ by its own kernel ("separate") vs by atomics
+from the dK/dV kernel ("atomic"), pointer vs TMA - checking each against FlexAttention before timing it.
+The default run then autotunes among the three fastest verified configs of each kernel and uses the
+faster dQ mode.
 
     python scripts/bench_kernels.py                      # default run (< 6 min on an H200)
-    python scripts/bench_kernels.py --tune               # + config sweep of our kernels at Wan-480p 25%
+    python scripts/bench_kernels.py --tune               # + variant sweep at Wan-480p 25% (~4 min in all)
     python scripts/bench_kernels.py --shapes wan --densities 0.1,0.5 --modes fwd
 """
 
@@ -115,8 +122,19 @@ def check_against_flex(providers, q, k, v, do, layout, block_mask) -> dict:
     return out
 
 
-def tune(triton_fwd, triton_bwd, device) -> list[dict]:
-    """Sweep (BLOCK_N, warps, stages) of our forward and the two backward kernels at Wan-480p 25%."""
+VERIFY_TOL = 2e-2  # relative RMS vs FlexAttention in bf16; a correct kernel measures ~1e-3
+
+
+def _verified(out: dict) -> bool:
+    return all(isinstance(x, float) and x <= VERIFY_TOL for x in out.values())
+
+
+def tune(providers, triton_fwd, triton_bwd, device) -> list[dict]:
+    """Sweep our kernels' variants at Wan-480p 25%, each checked against FlexAttention before it is timed.
+
+    Afterwards the autotuners hold only the three fastest verified configs of each kernel and
+    ``triton_bwd.DEFAULT_DQ_MODE`` is the faster dQ mode, so the default run uses the sweep's picks.
+    """
     b, h, s, d = SHAPES["wan"]
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v, do = (torch.randn(b, h, s, d, generator=g, device=device, dtype=torch.bfloat16) for _ in range(4))
@@ -127,35 +145,88 @@ def tune(triton_fwd, triton_bwd, device) -> list[dict]:
     c, i = layout.kv_counts, layout.kv_indices
     scale = d ** -0.5
     density = layout.density().mean().item()
+    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+    ref_o = providers["flex"](qg, kg, vg, layout, layout.to_flex_block_mask())
+    ref_o.backward(do)
+    ref = dict(o=ref_o.detach(), dq=qg.grad, dk=kg.grad, dv=vg.grad)
+    del qg, kg, vg
     rows = []
 
-    def record(kernel, cfg, fn, flops):
+    def record(kernel, cfg, fn, check, flops):
+        row = dict(kernel=kernel, config=list(cfg), ms=None, tflops=None)
         try:
-            ms = bench_ms(fn, 25, 100)
-            rows.append(dict(kernel=kernel, config=list(cfg), ms=ms, tflops=tflops(flops, ms)))
-        except Exception as e:  # an over-sized config (shared memory) is a result, not a crash
-            rows.append(dict(kernel=kernel, config=list(cfg), ms=None, tflops=None, error=type(e).__name__))
-        last = rows[-1]
-        print(f"  tune {kernel:5s} {str(cfg):18s} {last['ms'] if last['ms'] is None else round(last['ms'], 3)} ms",
-              flush=True)
+            out = fn()
+            row["err"] = {key: rel_rms(ref[key], val) for key, val in zip(check, out)}
+            if _verified(row["err"]):
+                row["ms"] = bench_ms(fn, 10, 60)
+                row["tflops"] = tflops(flops, row["ms"])
+            else:
+                row["error"] = "mismatch"
+        except Exception as e:  # over-sized configs (shared memory) or compile failures are results, not crashes
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        rows.append(row)
+        ms = row["ms"] if row["ms"] is None else round(row["ms"], 3)
+        print(f"  tune {kernel:15s} {str(list(cfg)):34s} {ms} ms {row.get('error', '')}", flush=True)
 
     fwd_flops = attention_flops(b, h, s, s, d, density, "fwd")
     for cfg in triton_fwd.FWD_TUNE_SPACE:
-        record("fwd", cfg, lambda: triton_fwd.block_sparse_fwd(q, k, v, c, i, scale, BLOCK, BLOCK, config=cfg), fwd_flops)
-    o, lse = triton_fwd.block_sparse_fwd(q, k, v, c, i, scale, BLOCK, BLOCK)
+        record("fwd", cfg, lambda: triton_fwd.block_sparse_fwd(q, k, v, c, i, scale, BLOCK, BLOCK, config=cfg)[:1],
+               ("o",), fwd_flops)
+    o, lse = triton_fwd.block_sparse_fwd(q, k, v, c, i, scale, BLOCK, BLOCK, config=triton_fwd.FWD_TUNE_SPACE[0])
     bwd_flops = 2.5 * fwd_flops
     dq_fixed = triton_bwd.DQ_TUNE_SPACE[0]
-    for cfg in triton_bwd.DKDV_TUNE_SPACE:
-        record("dkdv", cfg, lambda: triton_bwd.block_sparse_bwd(
-            do, None, q, k, v, o, lse, c, i, qc, qi, scale, BLOCK, BLOCK, dkdv_config=cfg, dq_config=dq_fixed),
-            bwd_flops)
-    ok = [r for r in rows if r["kernel"] == "dkdv" and r["ms"] is not None]
-    dkdv_best = tuple(min(ok, key=lambda r: r["ms"])["config"]) if ok else triton_bwd.DKDV_TUNE_SPACE[0]
+
+    def bwd(dkdv_cfg, dq_cfg, mode):
+        return lambda: triton_bwd.block_sparse_bwd(do, None, q, k, v, o, lse, c, i, qc, qi, scale, BLOCK, BLOCK,
+                                                   dkdv_config=dkdv_cfg, dq_config=dq_cfg, dq_mode=mode)
+
+    for mode in triton_bwd.DQ_MODES:
+        for cfg in triton_bwd.DKDV_TUNE_SPACE:
+            record(f"dkdv-{mode}", cfg, bwd(cfg, dq_fixed, mode), ("dq", "dk", "dv"), bwd_flops)
+    best = _fastest(rows, "dkdv-separate", 1)
+    dkdv_sep = tuple(best[0]) if best else triton_bwd.DKDV_TUNE_SPACE[0]
     for cfg in triton_bwd.DQ_TUNE_SPACE:
-        record("dq", cfg, lambda: triton_bwd.block_sparse_bwd(
-            do, None, q, k, v, o, lse, c, i, qc, qi, scale, BLOCK, BLOCK, dkdv_config=dkdv_best, dq_config=cfg),
-            bwd_flops)
+        record("dq-separate", cfg, bwd(dkdv_sep, cfg, "separate"), ("dq", "dk", "dv"), bwd_flops)
+
+    _restrict(triton_fwd._block_sparse_fwd_kernel, [triton_fwd._to_triton(triton_fwd.FwdConfig(*x))
+                                                    for x in _fastest(rows, "fwd", 3)])
+    sep = min((r["ms"] for r in rows if r["kernel"] == "dq-separate" and r["ms"]), default=None)
+    atom = min((r["ms"] for r in rows if r["kernel"] == "dkdv-atomic" and r["ms"]), default=None)
+    mode = "atomic" if atom and (not sep or atom < sep) else "separate"
+    triton_bwd.DEFAULT_DQ_MODE = mode
+    _restrict(triton_bwd._bwd_dkdv, [_dkdv_triton(triton_bwd, x) for x in _fastest(rows, f"dkdv-{mode}", 3)])
+    _restrict(triton_bwd._bwd_dq, [_dq_triton(triton_bwd, x) for x in _fastest(rows, "dq-separate", 3)])
+    print(f"  tune picks: dq mode {mode} (bwd ms separate {sep}, atomic {atom}); autotuners narrowed to the "
+          f"3 fastest verified configs each", flush=True)
     return rows
+
+
+def _fastest(rows, kernel, n):
+    ok = sorted((r for r in rows if r["kernel"] == kernel and r["ms"] is not None), key=lambda r: r["ms"])
+    return [r["config"] for r in ok[:n]]
+
+
+def _restrict(autotuner, configs) -> None:
+    """Let ``autotuner`` choose among ``configs`` only (sweep-verified), forgetting earlier picks."""
+    if configs:
+        autotuner.configs = configs
+        autotuner.cache.clear()
+
+
+def _dkdv_triton(triton_bwd, cfg):
+    import triton
+
+    c = triton_bwd.DkdvConfig(*cfg)
+    return triton.Config({"BLOCK_N1": c.block_n1, "BLOCK_M1": c.block_m1, "USE_TMA": c.tma},
+                         num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _dq_triton(triton_bwd, cfg):
+    import triton
+
+    c = triton_bwd.DqConfig(*cfg)
+    return triton.Config({"BLOCK_M2": c.block_m2, "BLOCK_N2": c.block_n2, "USE_TMA": c.tma},
+                         num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def parse_args(argv=None):
@@ -200,17 +271,21 @@ def build_markdown(info, rows, checks, tune_rows, best_configs) -> str:
               r["ratio_vs_flex"], r["rate_vs_cudnn"]] for r in rows],
         ),
         "",
-        "## Correctness vs FlexAttention (bf16, relative RMS, density 25%)",
+        "## Correctness vs FlexAttention (bf16, relative RMS, every timed shape@density)",
         "",
-        markdown_table(["shape", "o", "dq", "dk", "dv"],
-                       [[s, c.get("o"), c.get("dq"), c.get("dk"), c.get("dv")] for s, c in checks.items()]),
+        markdown_table(["shape@density", "o", "dq", "dk", "dv", "error"],
+                       [[s, c.get("o"), c.get("dq"), c.get("dk"), c.get("dv"), c.get("error")]
+                        for s, c in checks.items()]),
     ]
     if best_configs:
         lines += ["", "## Autotuner picks", "", *[f"- {k}: {v}" for k, v in best_configs.items()]]
     if tune_rows:
-        lines += ["", "## Config sweep (Wan-480p, 25%)", "",
-                  markdown_table(["kernel", "config", "ms", "TFLOP/s"],
-                                 [[r["kernel"], str(r["config"]), r["ms"], r["tflops"]] for r in tune_rows])]
+        lines += ["", "## Variant sweep (Wan-480p, 25%; fwd config = BLOCK_N, warps, stages, tma, warp_spec; "
+                  "dkdv = N1, M1, warps, stages, tma; dq = M2, N2, warps, stages, tma; ms = fwd or whole bwd)", "",
+                  markdown_table(["kernel", "config", "ms", "TFLOP/s", "max rel err", "error"],
+                                 [[r["kernel"], str(r["config"]), r["ms"], r["tflops"],
+                                   max(r["err"].values()) if r.get("err") else None, r.get("error")]
+                                  for r in tune_rows])]
     return "\n".join(lines)
 
 
@@ -223,8 +298,8 @@ def main(argv=None):
     info = env_info()
     print(f"# {info}", flush=True)
     t_start = time.time()
-    tune_rows = tune(triton_fwd, triton_bwd, device) if args.tune else []
     providers = make_providers(block_sparse_attention)
+    tune_rows = tune(providers, triton_fwd, triton_bwd, device) if args.tune else []
     rows, checks = [], {}
 
     def save():
@@ -232,6 +307,7 @@ def main(argv=None):
             "fwd": str(getattr(triton_fwd._block_sparse_fwd_kernel, "best_config", None)),
             "dkdv": str(getattr(triton_bwd._bwd_dkdv, "best_config", None)),
             "dq": str(getattr(triton_bwd._bwd_dq, "best_config", None)),
+            "dq_mode": triton_bwd.DEFAULT_DQ_MODE,
         }
         payload = dict(env=info, args=vars(args), rows=rows, checks=checks, tune=tune_rows, best_configs=best,
                        elapsed_s=round(time.time() - t_start, 1))
@@ -243,14 +319,21 @@ def main(argv=None):
         g = torch.Generator(device=device).manual_seed(args.seed)
         q, k, v, do = (torch.randn(b, h, s, d, generator=g, device=device, dtype=torch.bfloat16) for _ in range(4))
         layouts = {x: random_layout(b, h, s, x, args.seed + 1 + j, device) for j, x in enumerate(args.densities)}
-        check_layout = layouts.get(CHECK_DENSITY) or random_layout(b, h, s, CHECK_DENSITY, args.seed, device)
-        # Check first: it also runs the autotuner of our three kernels at this (representative) density.
-        try:
-            checks[shape] = check_against_flex(providers, q, k, v, do, check_layout, check_layout.to_flex_block_mask())
-        except Exception:
-            traceback.print_exc()
-            checks[shape] = {"error": traceback.format_exc(limit=1).strip().splitlines()[-1]}
-        print(f"[{shape}] check vs flex: {checks[shape]}", flush=True)
+        # Check every layout we time first (the first check also runs our autotuners); a variant that
+        # disagrees with FlexAttention is reported and not timed.
+        bad = set()
+        for x in sorted(layouts, key=lambda x: x != CHECK_DENSITY):  # autotune at the representative density
+            layout = layouts[x]
+            key = f"{shape}@{x:g}"
+            try:
+                checks[key] = check_against_flex(providers, q, k, v, do, layout, layout.to_flex_block_mask())
+                if not _verified(checks[key]):
+                    bad.add(x)
+            except Exception:
+                traceback.print_exc()
+                checks[key] = {"error": traceback.format_exc(limit=1).strip().splitlines()[-1]}
+                bad.add(x)
+            print(f"[{shape}] check vs flex d={x:g}: {checks[key]}", flush=True)
         for mode in args.modes:
             dense = {}
             for name in ("cudnn", "fa2"):
@@ -271,6 +354,9 @@ def main(argv=None):
                 bm = layout.to_flex_block_mask()
                 times = {}
                 for name in ("flex", "ours"):
+                    if name == "ours" and x in bad:
+                        times[name] = None
+                        continue
                     try:
                         times[name] = time_provider(providers[name], q, k, v, do, layout, bm, mode, timing)
                     except Exception as e:
@@ -299,6 +385,9 @@ def main(argv=None):
               f"{f(r['tflops'], 8, 0)} {f(r['speedup_vs_cudnn'], 7, 2)} {f(r['ratio_vs_flex'], 6, 2)} "
               f"{f(r['rate_vs_cudnn'], 9, 2)}")
     print(f"checks: {checks}")
+    print(f"picks: fwd {getattr(triton_fwd._block_sparse_fwd_kernel, 'best_config', None)} | dkdv "
+          f"{getattr(triton_bwd._bwd_dkdv, 'best_config', None)} | dq {getattr(triton_bwd._bwd_dq, 'best_config', None)}"
+          f" | dq mode {triton_bwd.DEFAULT_DQ_MODE}")
     print(f"total {time.time() - t_start:.0f}s; wrote {os.path.join(args.out, 'kernels.md')}")
 
 

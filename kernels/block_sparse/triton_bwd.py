@@ -8,6 +8,18 @@ Three kernels:
   layout (``q_counts [B, H, Mk]``, ``q_indices [B, H, Mk, Mq]``), accumulating dK and dV in fp32.
 * ``_bwd_dq``: one program per ``BLOCK_M2`` queries, looping over the forward layout, accumulating dQ.
 
+Two ways to get dQ (``dq_mode``):
+
+* ``"separate"``: the ``_bwd_dq`` kernel recomputes P and dP (7 matmuls per block pair, no atomics,
+  deterministic).
+* ``"atomic"``: the dK/dV program also forms ``dS @ K`` and adds it to an fp32 dQ buffer (5 matmuls
+  per block pair, as FlashAttention-2/3 do); with TMA the add is a bulk tensor reduce
+  (``cp.reduce.async.bulk``), else element atomics. dQ is then not bitwise deterministic.
+
+``USE_TMA`` configs read Q / dO (dK/dV kernel) and K / V (dQ kernel) through in-kernel TMA tensor
+descriptors when the launcher found the tensors eligible (``TMA_OK``); tail rows and padded head-dim
+columns arrive as zeros, so no load masks are needed.
+
 Probabilities are recomputed from the saved natural-log LSE (converted to the exp2 domain). Rows with
 ``lse = -inf`` (query blocks without key blocks) get ``+inf`` instead, so their probabilities are 0 and
 their gradients exactly 0. Out-of-range query rows / key rows of tail blocks are loaded as zeros, which
@@ -16,45 +28,91 @@ makes their contributions vanish without masking the interior blocks.
 
 from __future__ import annotations
 
+import os
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, broadcast_strides, interpreting, new_output, padded_head_dim
+from ._common import (
+    LOG2E, broadcast_strides, ensure_tma_allocator, interpreting, new_output, padded_head_dim, tma_eligible,
+)
 
-__all__ = ["block_sparse_bwd", "DKDV_TUNE_SPACE", "DQ_TUNE_SPACE"]
+__all__ = ["block_sparse_bwd", "DkdvConfig", "DqConfig", "DQ_MODES", "DKDV_TUNE_SPACE", "DQ_TUNE_SPACE"]
 
-# dK/dV: (BLOCK_N1 keys per program, BLOCK_M1 queries per step, num_warps, num_stages)
-_DKDV_GPU_CONFIGS = [(128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4), (64, 32, 4, 4)]
-# dQ: (BLOCK_M2 queries per program, BLOCK_N2 keys per step, num_warps, num_stages)
-_DQ_GPU_CONFIGS = [(128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4), (64, 32, 4, 4)]
-DKDV_TUNE_SPACE = [(128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3),
-                   (128, 64, 4, 2), (64, 64, 8, 2)]
-DQ_TUNE_SPACE = [(128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3),
-                 (128, 64, 4, 2), (64, 64, 8, 2)]
+DQ_MODES = ("separate", "atomic")
+# The mode block_sparse_bwd uses when not told; scripts/bench_kernels.py --tune measures both.
+DEFAULT_DQ_MODE = "atomic"
+
+
+class DkdvConfig(NamedTuple):
+    """dK/dV kernel config: keys per program, queries per step, warps, stages, TMA loads of Q / dO."""
+
+    block_n1: int
+    block_m1: int
+    num_warps: int
+    num_stages: int
+    tma: bool = False
+
+
+class DqConfig(NamedTuple):
+    """dQ kernel config: queries per program, keys per step, warps, stages, TMA loads of K / V."""
+
+    block_m2: int
+    block_n2: int
+    num_warps: int
+    num_stages: int
+    tma: bool = False
+
+# Run 1 (H200, Wan-480p 25%): dK/dV best (128, 64, 8, 2) 10.7 ms bwd, (128, 64, 8, 3) 11.1, (64, 32, 4, 3)
+# 11.7; dQ best (128, 64, 8, 2/3) 10.8; 4 warps with 128-wide tiles spill. TMA twins of the winners added.
+# Compiled for sm_90 on CPU (triton 3.6): with the atomic dQ tile, BLOCK_M1=64 spills (200+ B stack with
+# TMA), BLOCK_M1=32 does not (230 regs) - hence the M1=32 entries.
+_DKDV_GPU_CONFIGS = [
+    DkdvConfig(128, 64, 8, 2), DkdvConfig(128, 64, 8, 3), DkdvConfig(128, 32, 8, 3), DkdvConfig(64, 32, 4, 3),
+    DkdvConfig(128, 64, 8, 2, True), DkdvConfig(128, 32, 8, 3, True), DkdvConfig(128, 32, 8, 2, True),
+]
+_DQ_GPU_CONFIGS = [
+    DqConfig(128, 64, 8, 2), DqConfig(128, 64, 8, 3), DqConfig(64, 32, 4, 3),
+    DqConfig(128, 64, 8, 2, True), DqConfig(128, 64, 8, 3, True),
+]
+DKDV_TUNE_SPACE = [
+    DkdvConfig(128, 64, 8, 2), DkdvConfig(128, 64, 8, 3), DkdvConfig(128, 32, 8, 3), DkdvConfig(64, 32, 4, 3),
+    DkdvConfig(128, 64, 8, 2, True), DkdvConfig(128, 64, 8, 3, True), DkdvConfig(128, 32, 8, 3, True),
+    DkdvConfig(128, 32, 8, 2, True), DkdvConfig(64, 32, 4, 3, True),
+]
+DQ_TUNE_SPACE = [
+    DqConfig(128, 64, 8, 2), DqConfig(128, 64, 8, 3), DqConfig(64, 32, 4, 3),
+    DqConfig(128, 64, 8, 2, True), DqConfig(128, 64, 8, 3, True), DqConfig(64, 64, 4, 3, True),
+]
 
 
 def _dkdv_configs():
     if interpreting():
-        return [triton.Config({"BLOCK_N1": 64, "BLOCK_M1": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N1": n, "BLOCK_M1": m}, num_warps=w, num_stages=s) for n, m, w, s in _DKDV_GPU_CONFIGS]
+        return [triton.Config({"BLOCK_N1": 64, "BLOCK_M1": 64, "USE_TMA": False}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N1": c.block_n1, "BLOCK_M1": c.block_m1, "USE_TMA": c.tma},
+                          num_warps=c.num_warps, num_stages=c.num_stages) for c in _DKDV_GPU_CONFIGS]
 
 
 def _dq_configs():
     if interpreting():
-        return [triton.Config({"BLOCK_M2": 64, "BLOCK_N2": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M2": m, "BLOCK_N2": n}, num_warps=w, num_stages=s) for m, n, w, s in _DQ_GPU_CONFIGS]
+        return [triton.Config({"BLOCK_M2": 64, "BLOCK_N2": 64, "USE_TMA": False}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M2": c.block_m2, "BLOCK_N2": c.block_n2, "USE_TMA": c.tma},
+                          num_warps=c.num_warps, num_stages=c.num_stages) for c in _DQ_GPU_CONFIGS]
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
-    bq, bkv = kwargs["BLOCK_Q"], kwargs["BLOCK_KV"]
-    kept = [c for c in configs if c.kwargs["BLOCK_N1"] <= bkv and c.kwargs["BLOCK_M1"] <= bq]
+    bq, bkv, tma_ok = kwargs["BLOCK_Q"], kwargs["BLOCK_KV"], kwargs["TMA_OK"]
+    kept = [c for c in configs if c.kwargs["BLOCK_N1"] <= bkv and c.kwargs["BLOCK_M1"] <= bq
+            and (tma_ok or not c.kwargs["USE_TMA"])]
     return kept or configs[:1]
 
 
 def _prune_dq(configs, named_args, **kwargs):
-    bq, bkv = kwargs["BLOCK_Q"], kwargs["BLOCK_KV"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M2"] <= bq and c.kwargs["BLOCK_N2"] <= bkv]
+    bq, bkv, tma_ok = kwargs["BLOCK_Q"], kwargs["BLOCK_KV"], kwargs["TMA_OK"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M2"] <= bq and c.kwargs["BLOCK_N2"] <= bkv
+            and (tma_ok or not c.kwargs["USE_TMA"])]
     return kept or configs[:1]
 
 
@@ -84,26 +142,33 @@ def _bwd_preprocess(
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, q_len,
-    stride_qs, stride_dos, qk_scale, offs_m0, offs_d,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASK_Q: tl.constexpr,
+    dk, dv, k, v, q_base, do_base, q_desc, do_desc, dq_base, dq_desc, lse_base, delta_base, start_m, q_len,
+    stride_qs, stride_dos, stride_dqs, qk_scale, offs_m0, offs_d,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASK_Q: tl.constexpr, TMA: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
 ):
     offs_m = start_m + offs_m0
-    qT_ptrs = q_base + offs_m[None, :] * stride_qs + offs_d[:, None]
-    do_ptrs = do_base + offs_m[:, None] * stride_dos + offs_d[None, :]
-    if MASK_Q:
-        row_ok = offs_m < q_len
-        qT = tl.load(qT_ptrs, mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    if TMA:
+        # Descriptor shape [q_len, HEAD_DIM]: tail rows and padded columns arrive as zeros.
+        qT = q_desc.load([start_m, 0]).T
+        do = do_desc.load([start_m, 0])
     else:
-        if HEAD_DIM != HEAD_DIM_PAD:
+        qT_ptrs = q_base + offs_m[None, :] * stride_qs + offs_d[:, None]
+        do_ptrs = do_base + offs_m[:, None] * stride_dos + offs_d[None, :]
+        if MASK_Q:
+            row_ok = offs_m < q_len
+            qT = tl.load(qT_ptrs, mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif HEAD_DIM != HEAD_DIM_PAD:
             qT = tl.load(qT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         else:
             qT = tl.load(qT_ptrs)
             do = tl.load(do_ptrs)
+    if MASK_Q:
+        lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
+    else:
         lse = tl.load(lse_base + offs_m)
         delta = tl.load(delta_base + offs_m)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -111,17 +176,30 @@ def _dkdv_step(
     pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
     dv = tl.dot(pT.to(do.dtype), do, dv)
     dpT = tl.dot(v, tl.trans(do))
-    dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+    dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+    dk = tl.dot(dsT, tl.trans(qT), dk)
+    if DQ_ATOMIC:
+        # dQ rows of this step: dS @ K, unscaled (the launcher applies the softmax scale once).
+        dq = tl.dot(tl.trans(dsT), k)
+        if TMA:
+            dq_desc.atomic_add([start_m, 0], dq)
+        else:
+            dq_ptrs = dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :]
+            if MASK_Q or HEAD_DIM != HEAD_DIM_PAD:
+                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM),
+                              sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.autotune(
-    configs=_dkdv_configs(), key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV"], prune_configs_by={"early_config_prune": _prune_dkdv}
+    configs=_dkdv_configs(), key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "TMA_OK", "DQ_ATOMIC"],
+    prune_configs_by={"early_config_prune": _prune_dkdv}, reset_to_zero=["DQ_ACC"],
 )
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNTS, Q_INDICES,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNTS, Q_INDICES,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -132,9 +210,11 @@ def _bwd_dkdv(
     stride_ib, stride_ih, stride_in,
     H, q_len, kv_len, qk_scale, scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, EVEN_Q: tl.constexpr,
-    BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, EVEN_Q: tl.constexpr, TMA_OK: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
+    BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    TMA: tl.constexpr = USE_TMA and TMA_OK
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -150,6 +230,22 @@ def _bwd_dkdv(
 
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
+    # The fp32 dQ buffer is a contiguous [B, H, Sq, HEAD_DIM] tensor.
+    dq_base = DQ_ACC + pid_bh.to(tl.int64) * q_len * HEAD_DIM
+    if TMA:
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[q_len, HEAD_DIM], strides=[stride_qs, 1],
+                                           block_shape=[BLOCK_M1, HEAD_DIM_PAD])
+        do_desc = tl.make_tensor_descriptor(do_base, shape=[q_len, HEAD_DIM], strides=[stride_dos, 1],
+                                            block_shape=[BLOCK_M1, HEAD_DIM_PAD])
+        if DQ_ATOMIC:
+            dq_desc = tl.make_tensor_descriptor(dq_base, shape=[q_len, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                                block_shape=[BLOCK_M1, HEAD_DIM_PAD])
+        else:
+            dq_desc = dq_base
+    else:
+        q_desc = q_base
+        do_desc = do_base
+        dq_desc = dq_base
     lse_base = LSE + pid_bh.to(tl.int64) * q_len
     delta_base = DELTA + pid_bh.to(tl.int64) * q_len
 
@@ -172,15 +268,16 @@ def _bwd_dkdv(
         blk = tl.load(idx_base + it // SUB)
         start_m = tl.multiple_of(blk * BLOCK_Q + (it % SUB) * BLOCK_M1, BLOCK_M1)
         dk, dv = _dkdv_step(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, q_len, stride_qs, stride_dos, qk_scale,
-            offs_m0, offs_d, HEAD_DIM, HEAD_DIM_PAD, False,
+            dk, dv, k, v, q_base, do_base, q_desc, do_desc, dq_base, dq_desc, lse_base, delta_base, start_m, q_len,
+            stride_qs, stride_dos, HEAD_DIM, qk_scale, offs_m0, offs_d, HEAD_DIM, HEAD_DIM_PAD, False, TMA, DQ_ATOMIC,
         )
     if not EVEN_Q:
         tail_start = (tl.cdiv(q_len, BLOCK_Q) - 1) * BLOCK_Q
         for sub in range(0, n_tail * SUB):
             dk, dv = _dkdv_step(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, tail_start + sub * BLOCK_M1, q_len,
-                stride_qs, stride_dos, qk_scale, offs_m0, offs_d, HEAD_DIM, HEAD_DIM_PAD, True,
+                dk, dv, k, v, q_base, do_base, q_desc, do_desc, dq_base, dq_desc, lse_base, delta_base,
+                tail_start + sub * BLOCK_M1, q_len, stride_qs, stride_dos, HEAD_DIM, qk_scale, offs_m0, offs_d,
+                HEAD_DIM, HEAD_DIM_PAD, True, TMA, DQ_ATOMIC,
             )
 
     dk *= scale
@@ -192,18 +289,23 @@ def _bwd_dkdv(
 
 @triton.jit
 def _dq_step(
-    dq, q, do, lse2, delta, k_base, v_base, start_n, kv_len, stride_ks, stride_vs, qk_scale, offs_n0, offs_d,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASK_KV: tl.constexpr,
+    dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, start_n, kv_len, stride_ks, stride_vs, qk_scale,
+    offs_n0, offs_d,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASK_KV: tl.constexpr, TMA: tl.constexpr,
 ):
-    offs_n = start_n + offs_n0
-    kT_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]
-    vT_ptrs = v_base + offs_n[None, :] * stride_vs + offs_d[:, None]
-    if MASK_KV:
-        m = (offs_n[None, :] < kv_len) & (offs_d[:, None] < HEAD_DIM)
-        kT = tl.load(kT_ptrs, mask=m, other=0.0)
-        vT = tl.load(vT_ptrs, mask=m, other=0.0)
+    if TMA:
+        # Zero rows past kv_len / zero padded columns, as the masked pointer loads give.
+        kT = k_desc.load([start_n, 0]).T
+        vT = v_desc.load([start_n, 0]).T
     else:
-        if HEAD_DIM != HEAD_DIM_PAD:
+        offs_n = start_n + offs_n0
+        kT_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]
+        vT_ptrs = v_base + offs_n[None, :] * stride_vs + offs_d[:, None]
+        if MASK_KV:
+            m = (offs_n[None, :] < kv_len) & (offs_d[:, None] < HEAD_DIM)
+            kT = tl.load(kT_ptrs, mask=m, other=0.0)
+            vT = tl.load(vT_ptrs, mask=m, other=0.0)
+        elif HEAD_DIM != HEAD_DIM_PAD:
             kT = tl.load(kT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             vT = tl.load(vT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
         else:
@@ -219,7 +321,8 @@ def _dq_step(
 
 
 @triton.autotune(
-    configs=_dq_configs(), key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV"], prune_configs_by={"early_config_prune": _prune_dq}
+    configs=_dq_configs(), key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "TMA_OK"],
+    prune_configs_by={"early_config_prune": _prune_dq},
 )
 @triton.jit
 def _bwd_dq(
@@ -233,9 +336,10 @@ def _bwd_dq(
     stride_ib, stride_ih, stride_im,
     H, q_len, kv_len, qk_scale, scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, EVEN_KV: tl.constexpr,
-    BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, EVEN_KV: tl.constexpr, TMA_OK: tl.constexpr,
+    BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    TMA: tl.constexpr = USE_TMA and TMA_OK
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -255,6 +359,14 @@ def _bwd_dq(
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[kv_len, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N2, HEAD_DIM_PAD])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[kv_len, HEAD_DIM], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N2, HEAD_DIM_PAD])
+    else:
+        k_desc = k_base
+        v_desc = v_base
     count = tl.load(KV_COUNTS + b * stride_cb + h * stride_ch + q_block * stride_cm)
     idx_base = KV_INDICES + b * stride_ib + h * stride_ih + q_block * stride_im
 
@@ -272,20 +384,24 @@ def _bwd_dq(
         blk = tl.load(idx_base + it // SUB)
         start_n = tl.multiple_of(blk * BLOCK_KV + (it % SUB) * BLOCK_N2, BLOCK_N2)
         dq = _dq_step(
-            dq, q, do, lse2, delta, k_base, v_base, start_n, kv_len, stride_ks, stride_vs, qk_scale, offs_n0, offs_d,
-            HEAD_DIM, HEAD_DIM_PAD, False,
+            dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, start_n, kv_len, stride_ks, stride_vs, qk_scale,
+            offs_n0, offs_d, HEAD_DIM, HEAD_DIM_PAD, False, TMA,
         )
     if not EVEN_KV:
         tail_start = (tl.cdiv(kv_len, BLOCK_KV) - 1) * BLOCK_KV
         for sub in range(0, n_tail * SUB):
             dq = _dq_step(
-                dq, q, do, lse2, delta, k_base, v_base, tail_start + sub * BLOCK_N2, kv_len, stride_ks, stride_vs,
-                qk_scale, offs_n0, offs_d, HEAD_DIM, HEAD_DIM_PAD, True,
+                dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, tail_start + sub * BLOCK_N2, kv_len,
+                stride_ks, stride_vs, qk_scale, offs_n0, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, TMA,
             )
 
     dq *= scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _interpret_tma() -> bool:
+    return os.environ.get("DIT_SPARSE_INTERPRET_TMA") == "1"
 
 
 def block_sparse_bwd(
@@ -303,22 +419,28 @@ def block_sparse_bwd(
     scale: float,
     block_q: int,
     block_kv: int,
-    dkdv_config: tuple[int, int, int, int] | None = None,
-    dq_config: tuple[int, int, int, int] | None = None,
+    dkdv_config: tuple | None = None,
+    dq_config: tuple | None = None,
+    dq_mode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the three backward kernels on validated inputs.
+    """Launch the backward kernels on validated inputs.
 
     Args:
         do, o: ``[B, H, Sq, D]``; dlse: fp32 ``[B, H, Sq]`` or None; q ``[B, H, Sq, D]``; k, v
         ``[B, H, Skv, D]``; lse fp32 ``[B, H, Sq]`` from the forward (all last dims contiguous).
         kv_counts / kv_indices: the forward layout ``[B|1, H|1, Mq]`` / ``[B|1, H|1, Mq, Mk]``.
         q_counts / q_indices: the transposed layout ``[B|1, H|1, Mk]`` / ``[B|1, H|1, Mk, Mq]``.
-        dkdv_config: ``(BLOCK_N1, BLOCK_M1, num_warps, num_stages)``; dq_config:
-        ``(BLOCK_M2, BLOCK_N2, num_warps, num_stages)`` - bypass the autotuner (benchmark sweeps).
+        dkdv_config: a :class:`DkdvConfig` or tuple ``(BLOCK_N1, BLOCK_M1, num_warps, num_stages[, tma])``;
+        dq_config: a :class:`DqConfig` or tuple ``(BLOCK_M2, BLOCK_N2, num_warps, num_stages[, tma])`` -
+        bypass the autotuner (benchmark sweeps, tests); ``dq_config`` is unused in ``"atomic"`` mode.
+        dq_mode: ``"separate"`` or ``"atomic"`` (module docstring); ``None`` means ``DEFAULT_DQ_MODE``.
 
     Returns:
         ``dq``, ``dk``, ``dv`` shaped (and, where dense, strided) like q, k, v.
     """
+    dq_mode = DEFAULT_DQ_MODE if dq_mode is None else dq_mode
+    if dq_mode not in DQ_MODES:
+        raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
     dq, dk, dv = new_output(q), new_output(k), new_output(v)
@@ -335,11 +457,17 @@ def block_sparse_bwd(
         )
     qk_scale = scale * LOG2E
     common = dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_Q=block_q, BLOCK_KV=block_kv)
+    atomic = dq_mode == "atomic" and Sq > 0
+    # Atomic mode: dK/dV programs add into this fp32 buffer; query rows no key block touches stay 0.
+    dq_acc = torch.zeros((B, H, Sq, D), dtype=torch.float32, device=q.device) if atomic else delta
 
     if Skv:
+        dkdv_tma_ok = Sq > 0 and tma_eligible(q, do) and (not atomic or tma_eligible(dq_acc))
+        if dkdv_tma_ok:
+            ensure_tma_allocator(q.device)
         qcs, qis = broadcast_strides(q_counts), broadcast_strides(q_indices)
         dkdv_args = (
-            q, k, v, do, lse, delta, dk, dv, q_counts, q_indices,
+            q, k, v, do, lse, delta, dk, dv, dq_acc, q_counts, q_indices,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -350,20 +478,26 @@ def block_sparse_bwd(
             qis[0], qis[1], qis[2],
             H, Sq, Skv, qk_scale, scale,
         )
-        dkdv_meta = dict(common, EVEN_Q=Sq % block_q == 0)
+        dkdv_meta = dict(common, EVEN_Q=Sq % block_q == 0, TMA_OK=dkdv_tma_ok, DQ_ATOMIC=atomic)
         mk = triton.cdiv(Skv, block_kv)
         if dkdv_config is None and interpreting():
-            dkdv_config = (block_kv, block_q, 4, 1)  # whole layout blocks: fewer interpreted steps
+            dkdv_config = DkdvConfig(block_kv, block_q, 4, 1, _interpret_tma())  # whole blocks: fewer steps
         if dkdv_config is None:
             grid = lambda meta: (mk * (block_kv // meta["BLOCK_N1"]), B * H)  # noqa: E731
             _bwd_dkdv[grid](*dkdv_args, **dkdv_meta)
         else:
-            n1, m1, warps, stages = dkdv_config
-            _bwd_dkdv.fn[(mk * (block_kv // n1), B * H)](
-                *dkdv_args, **dkdv_meta, BLOCK_N1=n1, BLOCK_M1=m1, num_warps=warps, num_stages=stages
+            cfg = DkdvConfig(*dkdv_config)
+            _bwd_dkdv.fn[(mk * (block_kv // cfg.block_n1), B * H)](
+                *dkdv_args, **dkdv_meta, BLOCK_N1=cfg.block_n1, BLOCK_M1=cfg.block_m1, USE_TMA=cfg.tma,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
 
-    if Sq:
+    if atomic:
+        dq.copy_(dq_acc.mul_(scale))
+    elif Sq:
+        dq_tma_ok = Skv > 0 and tma_eligible(k, v)
+        if dq_tma_ok:
+            ensure_tma_allocator(q.device)
         kcs, kis = broadcast_strides(kv_counts), broadcast_strides(kv_indices)
         dq_args = (
             q, k, v, do, lse, delta, dq, kv_counts, kv_indices,
@@ -376,16 +510,17 @@ def block_sparse_bwd(
             kis[0], kis[1], kis[2],
             H, Sq, Skv, qk_scale, scale,
         )
-        dq_meta = dict(common, EVEN_KV=Skv % block_kv == 0)
+        dq_meta = dict(common, EVEN_KV=Skv % block_kv == 0, TMA_OK=dq_tma_ok)
         mq = triton.cdiv(Sq, block_q)
         if dq_config is None and interpreting():
-            dq_config = (block_q, block_kv, 4, 1)
+            dq_config = DqConfig(block_q, block_kv, 4, 1, _interpret_tma())
         if dq_config is None:
             grid = lambda meta: (mq * (block_q // meta["BLOCK_M2"]), B * H)  # noqa: E731
             _bwd_dq[grid](*dq_args, **dq_meta)
         else:
-            m2, n2, warps, stages = dq_config
-            _bwd_dq.fn[(mq * (block_q // m2), B * H)](
-                *dq_args, **dq_meta, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=warps, num_stages=stages
+            cfg = DqConfig(*dq_config)
+            _bwd_dq.fn[(mq * (block_q // cfg.block_m2), B * H)](
+                *dq_args, **dq_meta, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, USE_TMA=cfg.tma,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
     return dq, dk, dv

@@ -20,60 +20,101 @@ Variants, chosen per config (the autotuner compares them on the GPU, ``FwdConfig
 
 from __future__ import annotations
 
+import os
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, broadcast_strides, interpreting, new_output, padded_head_dim
+from ._common import (
+    LOG2E, broadcast_strides, ensure_tma_allocator, interpreting, new_output, padded_head_dim, tma_eligible,
+)
 
-__all__ = ["block_sparse_fwd", "FWD_TUNE_SPACE"]
+__all__ = ["block_sparse_fwd", "FwdConfig", "FWD_TUNE_SPACE"]
 
-# (BLOCK_N, num_warps, num_stages) candidates on the GPU; the autotuner keys on head dim, block sizes
-# and dtype. FWD_TUNE_SPACE is the wider sweep scripts/bench_kernels.py --tune measures.
-_FWD_GPU_CONFIGS = [(128, 8, 3), (128, 8, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 4)]
-FWD_TUNE_SPACE = [(64, 4, 3), (64, 4, 4), (64, 8, 2), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3)]
+
+class FwdConfig(NamedTuple):
+    """One forward kernel config; a plain ``(BLOCK_N, num_warps, num_stages)`` tuple means no TMA, no WS."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    tma: bool = False
+    warp_specialize: bool = False
+
+
+# GPU autotuner candidates. Run 1 (H200, Wan-480p 25%) measured the pointer path: (128, 8, 3) best at
+# 3.43 ms, (128, 8, 2) 3.58, (64, 8, 2) 3.80; 4 warps with 128-wide tiles spill. The TMA twins of the
+# winners are added; the autotuner keeps them only where TMA is available (Hopper+, aligned strides).
+# Compiled for sm_90 on CPU: (128, 8, 3) needs 224 KiB shared memory (fits the H200's 227), TMA 225 KiB;
+# (128, 8, 2|4) need 288 KiB with the two loops (full-row + gathered) and are dropped as out of resources.
+_FWD_GPU_CONFIGS = [
+    FwdConfig(128, 8, 3), FwdConfig(64, 8, 3), FwdConfig(64, 8, 2),
+    FwdConfig(128, 8, 3, True), FwdConfig(64, 8, 3, True), FwdConfig(64, 8, 4, True),
+]
+# The wider sweep scripts/bench_kernels.py --tune measures. Warp specialization: triton 3.6's Hopper pass
+# leaves these loops alone (no ttg.warp_specialize in the sm_90 TTGIR); one entry keeps that measured.
+FWD_TUNE_SPACE = [
+    FwdConfig(128, 8, 3), FwdConfig(128, 8, 2), FwdConfig(64, 8, 3), FwdConfig(64, 8, 2), FwdConfig(64, 4, 3),
+    FwdConfig(128, 8, 3, True), FwdConfig(128, 8, 2, True), FwdConfig(64, 8, 3, True), FwdConfig(64, 8, 4, True),
+    FwdConfig(128, 8, 3, True, True),
+]
+
+
+def _to_triton(cfg: FwdConfig) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_N": cfg.block_n, "USE_TMA": cfg.tma, "WARP_SPEC": cfg.warp_specialize},
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
 
 
 def _configs():
     if interpreting():  # several configs need a GPU driver to benchmark; the launcher overrides this one
-        return [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in _FWD_GPU_CONFIGS]
+        return [_to_triton(FwdConfig(64, 4, 1))]
+    return [_to_triton(c) for c in _FWD_GPU_CONFIGS]
 
 
 def _prune(configs, named_args, **kwargs):
     block_kv = kwargs.get("BLOCK_KV", named_args.get("BLOCK_KV"))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= block_kv]
+    tma_ok = kwargs.get("TMA_OK", named_args.get("TMA_OK"))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= block_kv and (tma_ok or not c.kwargs["USE_TMA"])]
     return kept or configs[:1]
 
 
 @triton.jit
 def _fwd_step(
-    acc, l_i, m_i, q, k_base, v_base, start, kv_len, stride_ks, stride_vs, qk_scale,
+    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, kv_len, stride_ks, stride_vs, qk_scale,
     offs_n, offs_d,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASK_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASK_KV: tl.constexpr, TMA: tl.constexpr,
 ):
     offs_kv = start + offs_n
-    # K is read transposed ([D, BLOCK_N]) so the dot is a plain q @ k^T.
-    k_ptrs = k_base + offs_kv[None, :] * stride_ks + offs_d[:, None]
-    v_ptrs = v_base + offs_kv[:, None] * stride_vs + offs_d[None, :]
-    if MASK_KV:
-        kv_ok = offs_kv < kv_len
-        if HEAD_DIM != HEAD_DIM_PAD:
-            k = tl.load(k_ptrs, mask=kv_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        else:
-            k = tl.load(k_ptrs, mask=kv_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
+    if TMA:
+        # Descriptor shape [kv_len, HEAD_DIM]: rows past kv_len and padded columns arrive as zeros.
+        k = k_desc.load([start, 0]).T
+        v = v_desc.load([start, 0])
     else:
-        if HEAD_DIM != HEAD_DIM_PAD:
-            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        # K is read transposed ([D, BLOCK_N]) so the dot is a plain q @ k^T.
+        k_ptrs = k_base + offs_kv[None, :] * stride_ks + offs_d[:, None]
+        v_ptrs = v_base + offs_kv[:, None] * stride_vs + offs_d[None, :]
+        if MASK_KV:
+            kv_ok = offs_kv < kv_len
+            if HEAD_DIM != HEAD_DIM_PAD:
+                k = tl.load(k_ptrs, mask=kv_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+                v = tl.load(v_ptrs, mask=kv_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=kv_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
         else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+            if HEAD_DIM != HEAD_DIM_PAD:
+                k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+                v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
     qk = tl.dot(q, k)
     if MASK_KV:
-        qk = tl.where(kv_ok[None, :], qk, float("-inf"))
+        qk = tl.where((offs_kv < kv_len)[None, :], qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled logits is the scaled row max.
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
@@ -84,7 +125,10 @@ def _fwd_step(
     return acc, l_i, m_ij
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_KV"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_KV", "TMA_OK"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _block_sparse_fwd_kernel(
     Q, K, V, O, LSE, KV_COUNTS, KV_INDICES,
@@ -96,9 +140,10 @@ def _block_sparse_fwd_kernel(
     stride_ib, stride_ih, stride_im,
     H, q_len, kv_len, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, EVEN_KV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, EVEN_KV: tl.constexpr, TMA_OK: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
+    TMA: tl.constexpr = USE_TMA and TMA_OK
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -113,6 +158,14 @@ def _block_sparse_fwd_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[kv_len, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM_PAD])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[kv_len, HEAD_DIM], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    else:
+        k_desc = k_base
+        v_desc = v_base
 
     count = tl.load(KV_COUNTS + b * stride_cb + h * stride_ch + pid_m * stride_cm)
     idx_base = KV_INDICES + b * stride_ib + h * stride_ih + pid_m * stride_im
@@ -122,29 +175,37 @@ def _block_sparse_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     SUB: tl.constexpr = BLOCK_KV // BLOCK_N
+    num_kv_blocks = tl.cdiv(kv_len, BLOCK_KV)
     n_main = count
     n_tail = 0
     if not EVEN_KV:
         # The partial last key block, if kept, is the last entry of the ascending list.
-        last_block = tl.cdiv(kv_len, BLOCK_KV) - 1
         last = tl.load(idx_base + tl.maximum(count - 1, 0))
-        n_tail = tl.where((count > 0) & (last == last_block), 1, 0)
+        n_tail = tl.where((count > 0) & (last == num_kv_blocks - 1), 1, 0)
         n_main = count - n_tail
 
-    for it in range(0, n_main * SUB):
-        blk = tl.load(idx_base + it // SUB)
-        start = blk * BLOCK_KV + (it % SUB) * BLOCK_N
-        start = tl.multiple_of(start, BLOCK_N)
-        acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q, k_base, v_base, start, kv_len, stride_ks, stride_vs, qk_scale, offs_n, offs_d,
-            HEAD_DIM, HEAD_DIM_PAD, False,
-        )
+    if count == num_kv_blocks:
+        # Full row: key blocks 0, 1, ... in order; no index loads on the critical path.
+        for it in tl.range(0, n_main * SUB, warp_specialize=WARP_SPEC):
+            start = tl.multiple_of(it * BLOCK_N, BLOCK_N)
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, kv_len, stride_ks, stride_vs, qk_scale,
+                offs_n, offs_d, HEAD_DIM, HEAD_DIM_PAD, False, TMA,
+            )
+    else:
+        for it in tl.range(0, n_main * SUB, warp_specialize=WARP_SPEC):
+            blk = tl.load(idx_base + it // SUB)
+            start = tl.multiple_of(blk * BLOCK_KV + (it % SUB) * BLOCK_N, BLOCK_N)
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, kv_len, stride_ks, stride_vs, qk_scale,
+                offs_n, offs_d, HEAD_DIM, HEAD_DIM_PAD, False, TMA,
+            )
     if not EVEN_KV:
-        tail_start = (tl.cdiv(kv_len, BLOCK_KV) - 1) * BLOCK_KV
+        tail_start = (num_kv_blocks - 1) * BLOCK_KV
         for sub in range(0, n_tail * SUB):
             acc, l_i, m_i = _fwd_step(
-                acc, l_i, m_i, q, k_base, v_base, tail_start + sub * BLOCK_N, kv_len, stride_ks, stride_vs,
-                qk_scale, offs_n, offs_d, HEAD_DIM, HEAD_DIM_PAD, True,
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tail_start + sub * BLOCK_N, kv_len, stride_ks,
+                stride_vs, qk_scale, offs_n, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, TMA,
             )
 
     # Rows of a query block without key blocks have l_i == 0: output 0 and lse = -inf, never NaN.
@@ -167,7 +228,7 @@ def block_sparse_fwd(
     scale: float,
     block_q: int,
     block_kv: int,
-    config: tuple[int, int, int] | None = None,
+    config: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on validated inputs.
 
@@ -175,7 +236,9 @@ def block_sparse_fwd(
         q: ``[B, H, Sq, D]``; k, v: ``[B, H, Skv, D]``; last dim contiguous, fp16 / bf16 / fp32.
         kv_counts: int32 ``[B|1, H|1, Mq]``; kv_indices: int32 ``[B|1, H|1, Mq, Mk]``, last dim contiguous.
         scale: softmax scale (> 0).
-        config: ``(BLOCK_N, num_warps, num_stages)`` to bypass the autotuner (benchmark sweeps).
+        config: a :class:`FwdConfig` (or a tuple of its fields, ``(BLOCK_N, num_warps, num_stages[, tma[,
+            warp_specialize]])``) to bypass the autotuner (benchmark sweeps, tests). ``tma=True`` on
+            tensors that do not qualify (:func:`~._common.tma_eligible`) runs the pointer path.
 
     Returns:
         ``o`` ``[B, H, Sq, D]`` (q's dtype and, where dense, its strides) and ``lse`` fp32 ``[B, H, Sq]``
@@ -187,6 +250,9 @@ def block_sparse_fwd(
     lse = new_output(q, (B, H, Sq), torch.float32)
     if Sq == 0 or B * H == 0:
         return o, lse
+    tma_ok = Skv > 0 and tma_eligible(k, v)
+    if tma_ok:
+        ensure_tma_allocator(q.device)
     cs = broadcast_strides(kv_counts)
     is_ = broadcast_strides(kv_indices)
     grid = (triton.cdiv(Sq, block_q), B * H)
@@ -202,14 +268,18 @@ def block_sparse_fwd(
     )
     meta = dict(
         HEAD_DIM=D, HEAD_DIM_PAD=padded_head_dim(D), BLOCK_M=block_q, BLOCK_KV=block_kv,
-        EVEN_KV=Skv % block_kv == 0,
+        EVEN_KV=Skv % block_kv == 0, TMA_OK=tma_ok,
     )
     if config is None and interpreting():
         # Whole layout blocks per step: the interpreter's cost grows with the number of steps.
-        config = (block_kv, 4, 1)
+        # DIT_SPARSE_INTERPRET_TMA=1 runs the descriptor path instead (tests cover both).
+        config = FwdConfig(block_kv, 4, 1, os.environ.get("DIT_SPARSE_INTERPRET_TMA") == "1")
     if config is None:
         _block_sparse_fwd_kernel[grid](*args, **meta)
     else:
-        bn, warps, stages = config
-        _block_sparse_fwd_kernel.fn[grid](*args, **meta, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        cfg = FwdConfig(*config)
+        _block_sparse_fwd_kernel.fn[grid](
+            *args, **meta, BLOCK_N=cfg.block_n, USE_TMA=cfg.tma, WARP_SPEC=cfg.warp_specialize,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return o, lse

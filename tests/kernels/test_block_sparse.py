@@ -3,12 +3,9 @@ forward and gradients, against the dense masked reference in fp64."""
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -21,22 +18,10 @@ from dit_sparse.kernels.block_sparse import (
     block_sparse_attention_torch,
 )
 from dit_sparse.kernels.block_sparse import triton_bwd, triton_fwd
+from dit_sparse.kernels.block_sparse._common import tma_eligible
 from dit_sparse.kernels.block_sparse.function import block_sparse_fwd_op
 from dit_sparse.kernels.block_sparse.layout_ops import cached_transpose, transpose_layout_tensors
 
-
-def _single_thread_blas() -> None:
-    """The interpreter's tl.dot is a numpy matmul; multi-threaded OpenBLAS on a loaded 2-core machine
-    makes a 128x128x64 product ~300x slower than one thread does."""
-    for lib in glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "libscipy_openblas*.so")):
-        handle = ctypes.CDLL(lib)
-        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            if hasattr(handle, name):
-                getattr(handle, name)(1)
-                return
-
-
-_single_thread_blas()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -151,6 +136,84 @@ def test_triton_sub_block_steps(q_len, kv_len, bq, bkv):
     )
     for name, r, a in zip(("o", "dq", "dk", "dv"), ref, (o, *grads)):
         assert_close(name, r, a, 1e-4)
+
+
+@pytest.fixture
+def interpreter_tma_reduce(monkeypatch):
+    """Triton 3.6's interpreter lacks the TMA bulk reduce (``desc.atomic_add``); emulate it with element
+    atomics over the descriptor's in-bounds box, so the kernel code around it runs on CPU."""
+    if not INTERPRET:
+        return
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    def descriptor_reduce(self, kind, desc, value, indices):
+        assert kind == ir.DESCRIPTOR_REDUCE_KIND.ADD, kind
+        ptrs, mask = desc.materialize_pointers(indices)
+        return self.create_atomic_rmw(ir.ATOMIC_OP.FADD, ptrs, value, interpreter.TensorHandle(mask, interpreter.tl.int1),
+                                      ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
+
+    if not hasattr(interpreter.InterpreterBuilder, "create_descriptor_reduce"):
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_reduce", descriptor_reduce, raising=False)
+
+
+def _variant_layout(q_len, kv_len, bq, bkv, seed):
+    """Random blocks plus one full query-block row (the no-index fast path) and one empty row."""
+    layout = random_layout(1, 2, q_len, kv_len, bq, bkv, 0.5, seed)
+    mask = layout.to_block_mask_tensor()
+    mask[:, 0, 0] = True
+    mask[:, 1, -1] = False
+    return BlockLayout.from_block_mask_tensor(mask, q_len, kv_len, bq, bkv).to(DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("q_len,kv_len,d,bq,bkv,tma,dq_mode", [
+    (150, 170, 96, 64, 128, False, "separate"),
+    (150, 170, 96, 64, 128, True, "atomic"),
+    (128, 256, 64, 128, 64, True, "separate"),
+    (128, 256, 64, 128, 64, False, "atomic"),
+])
+def test_triton_variants_match_reference(interpreter_tma_reduce, q_len, kv_len, d, bq, bkv, tma, dq_mode):
+    """Every kernel variant the GPU autotuner may pick (TMA descriptor loads, dQ by atomics / TMA reduce or by
+    its own kernel, full-row fast path, sub-block tiles) against the fp64 reference."""
+    q, k, v = make_qkv(1, 2, q_len, kv_len, d, torch.float32, 21)
+    layout = _variant_layout(q_len, kv_len, bq, bkv, 21)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    ref = reference_with_grads(q, k, v, layout, do, 0.1)
+    o, lse = triton_fwd.block_sparse_fwd(q, k, v, layout.kv_counts, layout.kv_indices, 0.1, bq, bkv,
+                                         config=triton_fwd.FwdConfig(32, 4, 1, tma))
+    qc, qi = transpose_layout_tensors(layout.kv_counts, layout.kv_indices, layout.num_q_blocks)
+    grads = triton_bwd.block_sparse_bwd(
+        do, None, q, k, v, o, lse, layout.kv_counts, layout.kv_indices, qc, qi, 0.1, bq, bkv,
+        dkdv_config=triton_bwd.DkdvConfig(32, 32, 4, 1, tma), dq_config=triton_bwd.DqConfig(32, 32, 4, 1, tma),
+        dq_mode=dq_mode,
+    )
+    for name, r, a in zip(("o", "dq", "dk", "dv"), ref, (o, *grads)):
+        assert_close(f"{name} tma={tma} {dq_mode}", r, a, 1e-4)
+    last = (layout.num_q_blocks - 1) * bq  # head 1's last query block keeps no key block
+    assert torch.equal(o[0, 1, last:], torch.zeros_like(o[0, 1, last:]))
+
+
+@needs_triton
+def test_tma_config_on_unaligned_tensors_takes_pointer_path():
+    """Tensors TMA cannot address (base not 16-byte aligned) run a TMA config through pointers, correctly."""
+    buf = torch.randn(1, 1, 130 * 64 + 1).to(DEVICE)
+    q, k, v = (buf[..., 1:].reshape(1, 1, 130, 64) for _ in range(3))
+    assert not tma_eligible(q)
+    assert tma_eligible(q.clone()) == (INTERPRET or torch.cuda.get_device_capability()[0] >= 9)
+    layout = random_layout(1, 1, 130, 130, 64, 64, 0.7, 5).to(DEVICE)
+    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, scale=0.125)
+    o, _ = triton_fwd.block_sparse_fwd(q, k, v, layout.kv_counts, layout.kv_indices, 0.125, 64, 64,
+                                       config=(64, 4, 1, True))
+    assert_close("o", ref, o, 1e-5)
+
+
+def test_bad_dq_mode_raises():
+    q = torch.zeros(1, 1, 64, 64)
+    lay = BlockLayout.dense(64, 64, 64, 64)
+    with pytest.raises(ValueError, match="dq_mode must be one of"):
+        triton_bwd.block_sparse_bwd(q, None, q, q, q, q, q[..., 0], lay.kv_counts, lay.kv_indices, lay.kv_counts,
+                                    lay.kv_indices, 0.1, 64, 64, dq_mode="fast")
 
 
 @needs_triton
