@@ -38,6 +38,8 @@ _LAZY = {
     "remove_sparse_attention": ".apply",
     "SparseAttnProcessor": ".processors",
     "SparseLinearAttention": ".sla",
+    "save_sla_weights": ".sla",
+    "load_sla_weights": ".sla",
 }
 
 __all__ = ["BlockLayout", *_LAZY]
