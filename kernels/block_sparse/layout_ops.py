@@ -1,9 +1,14 @@
-"""Layout tensors as the kernels take them, and the transposed layout the dK/dV kernel walks.
+"""Layout tensors as the kernels take them: the transposed layout the dK/dV kernel walks, and whether a
+layout keeps every key block (the forward's compile-time full-row path).
 
 :func:`transpose_layout_tensors` computes ``(q_counts [B, H, Mk], q_indices [B, H, Mk, Mq])`` from the
 forward lists with a cumsum + scatter (no sort), so it costs a few passes over ``B*H*Mq*Mk`` bytes and
 traces under ``torch.compile``. :func:`cached_transpose` memoises it per ``kv_indices`` tensor in eager
 mode, so a layout reused across denoising steps or training iterations is transposed once.
+
+:func:`full_rows_hint` says whether every query block of a layout keeps all key blocks, without a host
+sync: the first call per ``kv_counts`` tensor starts an asynchronous device-to-host copy of the answer and
+returns ``False`` (the general path, always correct); later calls return the answer once it has arrived.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["transpose_layout_tensors", "cached_transpose"]
+__all__ = ["transpose_layout_tensors", "cached_transpose", "full_rows_hint"]
 
 
 def transpose_layout_tensors(
@@ -66,3 +71,42 @@ def cached_transpose(
     result = transpose_layout_tensors(kv_counts, kv_indices, num_q_blocks)
     _CACHE[kv_indices] = (stamp, weakref.ref(kv_counts), result)
     return result
+
+
+# kv_counts tensor -> [(its version, Mk), host answer (0-dim bool tensor), CUDA event or None, resolved bool|None].
+_FULL = WeakTensorKeyDictionary()
+
+
+def full_rows_hint(kv_counts: torch.Tensor, num_kv_blocks: int) -> bool:
+    """True once it is known that every entry of ``kv_counts`` (int32 ``[B, H, Mq]``) equals ``num_kv_blocks``.
+
+    Never blocks the host: the first call for a tensor (or after an in-place edit) queues the check on the
+    tensor's device and answers ``False``; a later call answers from the copied result when it is ready.
+    ``False`` is always safe (the kernel then reads the index lists), so while a CUDA graph is being
+    captured only an already known answer is used, and tensors made under ``torch.inference_mode`` (no
+    version counter, so an in-place edit could not be noticed) always get ``False``.
+    """
+    if kv_counts.is_inference():
+        return False
+    stamp = (kv_counts._version, num_kv_blocks)
+    entry = _FULL.get(kv_counts)
+    if entry is not None and entry[0] == stamp:
+        if entry[3] is None and (entry[2] is None or _ready(entry[2])):
+            entry[3] = bool(entry[1])
+        return bool(entry[3])
+    if kv_counts.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    flag = (kv_counts == num_kv_blocks).all()
+    if kv_counts.is_cuda:
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:
+        host, event = flag, None
+    _FULL[kv_counts] = [stamp, host, event, None]
+    return False
+
+
+def _ready(event) -> bool:
+    return not torch.cuda.is_current_stream_capturing() and event.query()

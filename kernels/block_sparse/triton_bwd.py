@@ -1,20 +1,18 @@
 """Backward Triton kernels of block-sparse attention (FlashAttention-2 style) and their launcher.
 
-Three kernels:
+Three kernels, each writing every element of its outputs with plain stores (no accumulation into
+memory, no atomics), so running one twice on the same buffers - as the autotuner does when it times
+configs - gives the same result:
 
 * ``_bwd_preprocess``: ``delta = rowsum(dO * O) - dLSE`` (fp32 ``[B, H, Sq]``); the ``dLSE`` term makes
   gradients flowing into the returned log-sum-exp exact.
 * ``_bwd_dkdv``: one program per ``BLOCK_N1`` keys, looping over the query blocks of the TRANSPOSED
-  layout (``q_counts [B, H, Mk]``, ``q_indices [B, H, Mk, Mq]``), accumulating dK and dV in fp32.
+  layout (``q_counts [B, H, Mk]``, ``q_indices [B, H, Mk, Mq]``), accumulating dK and dV in fp32 registers.
 * ``_bwd_dq``: one program per ``BLOCK_M2`` queries, looping over the forward layout, accumulating dQ.
 
-Two ways to get dQ (``dq_mode``):
-
-* ``"separate"``: the ``_bwd_dq`` kernel recomputes P and dP (7 matmuls per block pair, no atomics,
-  deterministic).
-* ``"atomic"``: the dK/dV program also forms ``dS @ K`` and adds it to an fp32 dQ buffer (5 matmuls
-  per block pair, as FlashAttention-2/3 do); with TMA the add is a bulk tensor reduce
-  (``cp.reduce.async.bulk``), else element atomics. dQ is then not bitwise deterministic.
+The autotuned kernels declare no ``reset_to_zero`` / ``restore_value`` hooks: such a hook runs on the
+real arguments, and round 2's ``reset_to_zero=["DQ_ACC"]`` zeroed ``delta`` (passed as that argument when
+dQ had its own kernel) after timing, giving wrong dQ / dK on the first call of each autotuner key.
 
 ``USE_TMA`` configs read Q / dO (dK/dV kernel) and K / V (dQ kernel) through in-kernel TMA tensor
 descriptors when the launcher found the tensors eligible (``TMA_OK``); tail rows and padded head-dim
@@ -39,11 +37,7 @@ from ._common import (
     LOG2E, broadcast_strides, ensure_tma_allocator, interpreting, new_output, padded_head_dim, tma_eligible,
 )
 
-__all__ = ["block_sparse_bwd", "DkdvConfig", "DqConfig", "DQ_MODES", "DKDV_TUNE_SPACE", "DQ_TUNE_SPACE"]
-
-DQ_MODES = ("separate", "atomic")
-# The mode block_sparse_bwd uses when not told; scripts/bench_kernels.py --tune measures both.
-DEFAULT_DQ_MODE = "atomic"
+__all__ = ["block_sparse_bwd", "DkdvConfig", "DqConfig", "DKDV_TUNE_SPACE", "DQ_TUNE_SPACE"]
 
 
 class DkdvConfig(NamedTuple):
@@ -65,55 +59,64 @@ class DqConfig(NamedTuple):
     num_stages: int
     tma: bool = False
 
-# Run 1 (H200, Wan-480p 25%): dK/dV best (128, 64, 8, 2) 10.7 ms bwd, (128, 64, 8, 3) 11.1, (64, 32, 4, 3)
-# 11.7; dQ best (128, 64, 8, 2/3) 10.8; 4 warps with 128-wide tiles spill. TMA twins of the winners added.
-# Compiled for sm_90 on CPU (triton 3.6): with the atomic dQ tile, BLOCK_M1=64 spills (200+ B stack with
-# TMA), BLOCK_M1=32 does not (230 regs) - hence the M1=32 entries.
-_DKDV_GPU_CONFIGS = [
-    DkdvConfig(128, 64, 8, 2), DkdvConfig(128, 64, 8, 3), DkdvConfig(128, 32, 8, 3), DkdvConfig(64, 32, 4, 3),
-    DkdvConfig(128, 64, 8, 2, True), DkdvConfig(128, 32, 8, 3, True), DkdvConfig(128, 32, 8, 2, True),
-]
-_DQ_GPU_CONFIGS = [
-    DqConfig(128, 64, 8, 2), DqConfig(128, 64, 8, 3), DqConfig(64, 32, 4, 3),
-    DqConfig(128, 64, 8, 2, True), DqConfig(128, 64, 8, 3, True),
-]
+
+# GPU configs. H200 round 2 (Wan-480p 25%, bf16, whole backward): dK/dV pointer (128, 64, 8, 2) 10.78 ms
+# (its TMA twin 10.85); dQ TMA (128, 64, 8, 2) 10.60 ms, pointer 10.86 - the autotuner picks between
+# those two where TMA is allowed. The 64-wide entries serve 64-blocks (measured at 128-blocks in round 1-2:
+# dK/dV (64, 32, 4, 3) 11.6 ms, dQ (64, 32, 4, 3) 11.9 ms).
+_DKDV_GPU_CONFIGS = [DkdvConfig(128, 64, 8, 2), DkdvConfig(64, 32, 4, 3)]
+_DQ_GPU_CONFIGS = [DqConfig(128, 64, 8, 2, True), DqConfig(128, 64, 8, 2), DqConfig(64, 32, 4, 3)]
+# A few variants around the winners for scripts/bench_kernels.py --tune.
 DKDV_TUNE_SPACE = [
-    DkdvConfig(128, 64, 8, 2), DkdvConfig(128, 64, 8, 3), DkdvConfig(128, 32, 8, 3), DkdvConfig(64, 32, 4, 3),
-    DkdvConfig(128, 64, 8, 2, True), DkdvConfig(128, 64, 8, 3, True), DkdvConfig(128, 32, 8, 3, True),
-    DkdvConfig(128, 32, 8, 2, True), DkdvConfig(64, 32, 4, 3, True),
+    DkdvConfig(128, 64, 8, 2), DkdvConfig(128, 64, 8, 3), DkdvConfig(128, 64, 8, 2, True),
+    DkdvConfig(128, 32, 8, 2),
 ]
 DQ_TUNE_SPACE = [
-    DqConfig(128, 64, 8, 2), DqConfig(128, 64, 8, 3), DqConfig(64, 32, 4, 3),
-    DqConfig(128, 64, 8, 2, True), DqConfig(128, 64, 8, 3, True), DqConfig(64, 64, 4, 3, True),
+    DqConfig(128, 64, 8, 2, True), DqConfig(128, 64, 8, 2), DqConfig(128, 64, 8, 3, True),
+    DqConfig(128, 32, 8, 2, True),
 ]
+
+
+def _dkdv_triton(c: DkdvConfig) -> triton.Config:
+    return triton.Config({"BLOCK_N1": c.block_n1, "BLOCK_M1": c.block_m1, "USE_TMA": c.tma},
+                         num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _dq_triton(c: DqConfig) -> triton.Config:
+    return triton.Config({"BLOCK_M2": c.block_m2, "BLOCK_N2": c.block_n2, "USE_TMA": c.tma},
+                         num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def _dkdv_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_N1": 64, "BLOCK_M1": 64, "USE_TMA": False}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N1": c.block_n1, "BLOCK_M1": c.block_m1, "USE_TMA": c.tma},
-                          num_warps=c.num_warps, num_stages=c.num_stages) for c in _DKDV_GPU_CONFIGS]
+    if interpreting():  # several configs need a GPU driver to benchmark; the launcher overrides this one
+        return [_dkdv_triton(DkdvConfig(64, 64, 4, 1))]
+    return [_dkdv_triton(c) for c in _DKDV_GPU_CONFIGS]
 
 
 def _dq_configs():
     if interpreting():
-        return [triton.Config({"BLOCK_M2": 64, "BLOCK_N2": 64, "USE_TMA": False}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M2": c.block_m2, "BLOCK_N2": c.block_n2, "USE_TMA": c.tma},
-                          num_warps=c.num_warps, num_stages=c.num_stages) for c in _DQ_GPU_CONFIGS]
+        return [_dq_triton(DqConfig(64, 64, 4, 1))]
+    return [_dq_triton(c) for c in _DQ_GPU_CONFIGS]
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
+    """Configs with one program per layout key block (``BLOCK_N1 == block_kv``); TMA ones only if allowed."""
     bq, bkv, tma_ok = kwargs["BLOCK_Q"], kwargs["BLOCK_KV"], kwargs["TMA_OK"]
-    kept = [c for c in configs if c.kwargs["BLOCK_N1"] <= bkv and c.kwargs["BLOCK_M1"] <= bq
+    kept = [c for c in configs if c.kwargs["BLOCK_N1"] == bkv and bq % c.kwargs["BLOCK_M1"] == 0
             and (tma_ok or not c.kwargs["USE_TMA"])]
-    return kept or configs[:1]
+    if not kept:
+        raise ValueError(f"no dK/dV config fits block_q={bq}, block_kv={bkv}; add one to the config list")
+    return kept
 
 
 def _prune_dq(configs, named_args, **kwargs):
+    """Configs with one program per layout query block (``BLOCK_M2 == block_q``); TMA ones only if allowed."""
     bq, bkv, tma_ok = kwargs["BLOCK_Q"], kwargs["BLOCK_KV"], kwargs["TMA_OK"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M2"] <= bq and c.kwargs["BLOCK_N2"] <= bkv
+    kept = [c for c in configs if c.kwargs["BLOCK_M2"] == bq and bkv % c.kwargs["BLOCK_N2"] == 0
             and (tma_ok or not c.kwargs["USE_TMA"])]
-    return kept or configs[:1]
+    if not kept:
+        raise ValueError(f"no dQ config fits block_q={bq}, block_kv={bkv}; add one to the config list")
+    return kept
 
 
 @triton.jit
@@ -142,10 +145,9 @@ def _bwd_preprocess(
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, q_base, do_base, q_desc, do_desc, dq_base, dq_desc, lse_base, delta_base, start_m, q_len,
-    stride_qs, stride_dos, stride_dqs, qk_scale, offs_m0, offs_d,
+    dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_base, delta_base, start_m, q_len,
+    stride_qs, stride_dos, qk_scale, offs_m0, offs_d,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASK_Q: tl.constexpr, TMA: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr,
 ):
     offs_m = start_m + offs_m0
     if TMA:
@@ -178,28 +180,16 @@ def _dkdv_step(
     dpT = tl.dot(v, tl.trans(do))
     dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
     dk = tl.dot(dsT, tl.trans(qT), dk)
-    if DQ_ATOMIC:
-        # dQ rows of this step: dS @ K, unscaled (the launcher applies the softmax scale once).
-        dq = tl.dot(tl.trans(dsT), k)
-        if TMA:
-            dq_desc.atomic_add([start_m, 0], dq)
-        else:
-            dq_ptrs = dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :]
-            if MASK_Q or HEAD_DIM != HEAD_DIM_PAD:
-                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM),
-                              sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.autotune(
-    configs=_dkdv_configs(), key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "TMA_OK", "DQ_ATOMIC"],
-    prune_configs_by={"early_config_prune": _prune_dkdv}, reset_to_zero=["DQ_ACC"],
+    configs=_dkdv_configs(), key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "TMA_OK"],
+    prune_configs_by={"early_config_prune": _prune_dkdv},
 )
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNTS, Q_INDICES,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNTS, Q_INDICES,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -211,7 +201,6 @@ def _bwd_dkdv(
     H, q_len, kv_len, qk_scale, scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, EVEN_Q: tl.constexpr, TMA_OK: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr,
     BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     TMA: tl.constexpr = USE_TMA and TMA_OK
@@ -230,22 +219,14 @@ def _bwd_dkdv(
 
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
-    # The fp32 dQ buffer is a contiguous [B, H, Sq, HEAD_DIM] tensor.
-    dq_base = DQ_ACC + pid_bh.to(tl.int64) * q_len * HEAD_DIM
     if TMA:
         q_desc = tl.make_tensor_descriptor(q_base, shape=[q_len, HEAD_DIM], strides=[stride_qs, 1],
                                            block_shape=[BLOCK_M1, HEAD_DIM_PAD])
         do_desc = tl.make_tensor_descriptor(do_base, shape=[q_len, HEAD_DIM], strides=[stride_dos, 1],
                                             block_shape=[BLOCK_M1, HEAD_DIM_PAD])
-        if DQ_ATOMIC:
-            dq_desc = tl.make_tensor_descriptor(dq_base, shape=[q_len, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                                block_shape=[BLOCK_M1, HEAD_DIM_PAD])
-        else:
-            dq_desc = dq_base
     else:
         q_desc = q_base
         do_desc = do_base
-        dq_desc = dq_base
     lse_base = LSE + pid_bh.to(tl.int64) * q_len
     delta_base = DELTA + pid_bh.to(tl.int64) * q_len
 
@@ -268,16 +249,16 @@ def _bwd_dkdv(
         blk = tl.load(idx_base + it // SUB)
         start_m = tl.multiple_of(blk * BLOCK_Q + (it % SUB) * BLOCK_M1, BLOCK_M1)
         dk, dv = _dkdv_step(
-            dk, dv, k, v, q_base, do_base, q_desc, do_desc, dq_base, dq_desc, lse_base, delta_base, start_m, q_len,
-            stride_qs, stride_dos, HEAD_DIM, qk_scale, offs_m0, offs_d, HEAD_DIM, HEAD_DIM_PAD, False, TMA, DQ_ATOMIC,
+            dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_base, delta_base, start_m, q_len,
+            stride_qs, stride_dos, qk_scale, offs_m0, offs_d, HEAD_DIM, HEAD_DIM_PAD, False, TMA,
         )
     if not EVEN_Q:
         tail_start = (tl.cdiv(q_len, BLOCK_Q) - 1) * BLOCK_Q
         for sub in range(0, n_tail * SUB):
             dk, dv = _dkdv_step(
-                dk, dv, k, v, q_base, do_base, q_desc, do_desc, dq_base, dq_desc, lse_base, delta_base,
-                tail_start + sub * BLOCK_M1, q_len, stride_qs, stride_dos, HEAD_DIM, qk_scale, offs_m0, offs_d,
-                HEAD_DIM, HEAD_DIM_PAD, True, TMA, DQ_ATOMIC,
+                dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_base, delta_base,
+                tail_start + sub * BLOCK_M1, q_len, stride_qs, stride_dos, qk_scale, offs_m0, offs_d,
+                HEAD_DIM, HEAD_DIM_PAD, True, TMA,
             )
 
     dk *= scale
@@ -421,7 +402,6 @@ def block_sparse_bwd(
     block_kv: int,
     dkdv_config: tuple | None = None,
     dq_config: tuple | None = None,
-    dq_mode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels on validated inputs.
 
@@ -432,15 +412,11 @@ def block_sparse_bwd(
         q_counts / q_indices: the transposed layout ``[B|1, H|1, Mk]`` / ``[B|1, H|1, Mk, Mq]``.
         dkdv_config: a :class:`DkdvConfig` or tuple ``(BLOCK_N1, BLOCK_M1, num_warps, num_stages[, tma])``;
         dq_config: a :class:`DqConfig` or tuple ``(BLOCK_M2, BLOCK_N2, num_warps, num_stages[, tma])`` -
-        bypass the autotuner (benchmark sweeps, tests); ``dq_config`` is unused in ``"atomic"`` mode.
-        dq_mode: ``"separate"`` or ``"atomic"`` (module docstring); ``None`` means ``DEFAULT_DQ_MODE``.
+        bypass the autotuners (benchmark sweeps, tests).
 
     Returns:
         ``dq``, ``dk``, ``dv`` shaped (and, where dense, strided) like q, k, v.
     """
-    dq_mode = DEFAULT_DQ_MODE if dq_mode is None else dq_mode
-    if dq_mode not in DQ_MODES:
-        raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
     dq, dk, dv = new_output(q), new_output(k), new_output(v)
@@ -457,17 +433,14 @@ def block_sparse_bwd(
         )
     qk_scale = scale * LOG2E
     common = dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_Q=block_q, BLOCK_KV=block_kv)
-    atomic = dq_mode == "atomic" and Sq > 0
-    # Atomic mode: dK/dV programs add into this fp32 buffer; query rows no key block touches stay 0.
-    dq_acc = torch.zeros((B, H, Sq, D), dtype=torch.float32, device=q.device) if atomic else delta
 
     if Skv:
-        dkdv_tma_ok = Sq > 0 and tma_eligible(q, do) and (not atomic or tma_eligible(dq_acc))
+        dkdv_tma_ok = Sq > 0 and tma_eligible(q, do)
         if dkdv_tma_ok:
             ensure_tma_allocator(q.device)
         qcs, qis = broadcast_strides(q_counts), broadcast_strides(q_indices)
         dkdv_args = (
-            q, k, v, do, lse, delta, dk, dv, dq_acc, q_counts, q_indices,
+            q, k, v, do, lse, delta, dk, dv, q_counts, q_indices,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -478,7 +451,7 @@ def block_sparse_bwd(
             qis[0], qis[1], qis[2],
             H, Sq, Skv, qk_scale, scale,
         )
-        dkdv_meta = dict(common, EVEN_Q=Sq % block_q == 0, TMA_OK=dkdv_tma_ok, DQ_ATOMIC=atomic)
+        dkdv_meta = dict(common, EVEN_Q=Sq % block_q == 0, TMA_OK=dkdv_tma_ok)
         mk = triton.cdiv(Skv, block_kv)
         if dkdv_config is None and interpreting():
             dkdv_config = DkdvConfig(block_kv, block_q, 4, 1, _interpret_tma())  # whole blocks: fewer steps
@@ -492,9 +465,7 @@ def block_sparse_bwd(
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
 
-    if atomic:
-        dq.copy_(dq_acc.mul_(scale))
-    elif Sq:
+    if Sq:
         dq_tma_ok = Skv > 0 and tma_eligible(k, v)
         if dq_tma_ok:
             ensure_tma_allocator(q.device)

@@ -7,15 +7,16 @@ Interior key blocks are loaded without masks; only the last key block of the seq
 ``kv_len % block_kv != 0``) is loaded masked, in a separate step after the main loop - the ascending
 order of the index list puts it last.
 
-Variants, chosen per config (the autotuner compares them on the GPU, ``FwdConfig`` selects one by hand):
+Compile-time variants:
 
-* ``USE_TMA``: K / V tiles come through Hopper TMA tensor descriptors built in-kernel per (batch, head)
-  (shape ``[kv_len, D]``, so tail rows and padded head-dim columns arrive as zeros) instead of pointer
-  loads; only when the launcher found the tensors TMA-eligible (``TMA_OK``), else the pointer path.
-* ``WARP_SPEC``: the main loop asks Triton for automatic warp specialization (producer / consumer
-  partitions); sweep-only, see ``FWD_TUNE_SPACE``.
-* Rows whose query block keeps every key block (a dense layout, text rows of MM-DiT) walk the keys in
-  order without reading the index list - no dependent index load in front of each K / V load.
+* ``USE_TMA`` (per config): K / V tiles come through Hopper TMA tensor descriptors built in-kernel per
+  (batch, head) (shape ``[kv_len, D]``, so tail rows and padded head-dim columns arrive as zeros) instead
+  of pointer loads; only when the launcher found the tensors TMA-eligible (``TMA_OK``).
+* ``FULL_ROWS`` (per launch, chosen on the host): every query block keeps every key block (a dense
+  layout), so the loop walks the keys in order without reading the index lists. Sparse launches compile
+  the gathered loop alone: on the H200 at 25% density the pointer kernel holding both loops behind a
+  runtime branch took 3.95 ms against 3.43 ms for the gathered loop alone (round 1), while the in-order
+  loop took 100% density from 14.5 to 12.5 ms.
 """
 
 from __future__ import annotations
@@ -30,43 +31,37 @@ import triton.language as tl
 from ._common import (
     LOG2E, broadcast_strides, ensure_tma_allocator, interpreting, new_output, padded_head_dim, tma_eligible,
 )
+from .layout_ops import full_rows_hint
 
 __all__ = ["block_sparse_fwd", "FwdConfig", "FWD_TUNE_SPACE"]
 
 
 class FwdConfig(NamedTuple):
-    """One forward kernel config; a plain ``(BLOCK_N, num_warps, num_stages)`` tuple means no TMA, no WS."""
+    """One forward kernel config; a plain ``(BLOCK_N, num_warps, num_stages)`` tuple means pointer loads."""
 
     block_n: int
     num_warps: int
     num_stages: int
     tma: bool = False
-    warp_specialize: bool = False
 
 
-# GPU autotuner candidates. Run 1 (H200, Wan-480p 25%) measured the pointer path: (128, 8, 3) best at
-# 3.43 ms, (128, 8, 2) 3.58, (64, 8, 2) 3.80; 4 warps with 128-wide tiles spill. The TMA twins of the
-# winners are added; the autotuner keeps them only where TMA is available (Hopper+, aligned strides).
-# Compiled for sm_90 on CPU: (128, 8, 3) needs 224 KiB shared memory (fits the H200's 227), TMA 225 KiB;
-# (128, 8, 2|4) need 288 KiB with the two loops (full-row + gathered) and are dropped as out of resources.
+# GPU configs: the H200 round-2 winner for 128-blocks, TMA (128, 8, 3) 3.50 ms at Wan-480p 25% bf16, with
+# its pointer twin (3.95 ms; 3.43 ms in round 1 before the two-loop kernel) for tensors TMA cannot address,
+# and the same pair with 64-wide tiles for 64-blocks (measured at 128-blocks: TMA 3.95 ms, pointer 4.73).
+# _prune leaves one config per key (TMA or pointer, tile = layout block): the autotuner only times that one.
 _FWD_GPU_CONFIGS = [
-    FwdConfig(128, 8, 3), FwdConfig(64, 8, 3), FwdConfig(64, 8, 2),
-    FwdConfig(128, 8, 3, True), FwdConfig(64, 8, 3, True), FwdConfig(64, 8, 4, True),
+    FwdConfig(128, 8, 3, True), FwdConfig(128, 8, 3), FwdConfig(64, 8, 3, True), FwdConfig(64, 8, 3),
 ]
-# The wider sweep scripts/bench_kernels.py --tune measures. Warp specialization: triton 3.6's Hopper pass
-# leaves these loops alone (no ttg.warp_specialize in the sm_90 TTGIR); one entry keeps that measured.
+# A few variants around the winners for scripts/bench_kernels.py --tune (2 stages fit again with one loop).
 FWD_TUNE_SPACE = [
-    FwdConfig(128, 8, 3), FwdConfig(128, 8, 2), FwdConfig(64, 8, 3), FwdConfig(64, 8, 2), FwdConfig(64, 4, 3),
-    FwdConfig(128, 8, 3, True), FwdConfig(128, 8, 2, True), FwdConfig(64, 8, 3, True), FwdConfig(64, 8, 4, True),
-    FwdConfig(128, 8, 3, True, True),
+    FwdConfig(128, 8, 3, True), FwdConfig(128, 8, 2, True), FwdConfig(128, 8, 3), FwdConfig(128, 8, 2),
+    FwdConfig(64, 8, 3, True),
 ]
 
 
 def _to_triton(cfg: FwdConfig) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_N": cfg.block_n, "USE_TMA": cfg.tma, "WARP_SPEC": cfg.warp_specialize},
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    return triton.Config({"BLOCK_N": cfg.block_n, "USE_TMA": cfg.tma}, num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
 
 
 def _configs():
@@ -76,10 +71,15 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
+    """Configs whose tile is the layout's key block, TMA ones only (when the tensors allow TMA) or none."""
     block_kv = kwargs.get("BLOCK_KV", named_args.get("BLOCK_KV"))
     tma_ok = kwargs.get("TMA_OK", named_args.get("TMA_OK"))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= block_kv and (tma_ok or not c.kwargs["USE_TMA"])]
-    return kept or configs[:1]
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] == block_kv and c.kwargs["USE_TMA"] == bool(tma_ok)]
+    if not kept:
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] == block_kv and not c.kwargs["USE_TMA"]]
+    if not kept:
+        raise ValueError(f"no forward config has BLOCK_N == block_kv={block_kv}; add one to the config list")
+    return kept
 
 
 @triton.jit
@@ -141,7 +141,8 @@ def _block_sparse_fwd_kernel(
     H, q_len, kv_len, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, EVEN_KV: tl.constexpr, TMA_OK: tl.constexpr,
-    BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    FULL_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     TMA: tl.constexpr = USE_TMA and TMA_OK
     pid_m = tl.program_id(0)
@@ -167,33 +168,34 @@ def _block_sparse_fwd_kernel(
         k_desc = k_base
         v_desc = v_base
 
-    count = tl.load(KV_COUNTS + b * stride_cb + h * stride_ch + pid_m * stride_cm)
-    idx_base = KV_INDICES + b * stride_ib + h * stride_ih + pid_m * stride_im
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     SUB: tl.constexpr = BLOCK_KV // BLOCK_N
     num_kv_blocks = tl.cdiv(kv_len, BLOCK_KV)
-    n_main = count
-    n_tail = 0
-    if not EVEN_KV:
-        # The partial last key block, if kept, is the last entry of the ascending list.
-        last = tl.load(idx_base + tl.maximum(count - 1, 0))
-        n_tail = tl.where((count > 0) & (last == num_kv_blocks - 1), 1, 0)
-        n_main = count - n_tail
-
-    if count == num_kv_blocks:
-        # Full row: key blocks 0, 1, ... in order; no index loads on the critical path.
-        for it in tl.range(0, n_main * SUB, warp_specialize=WARP_SPEC):
+    if FULL_ROWS:
+        # Every query block keeps key blocks 0, 1, ...: walk them in order, no index loads.
+        n_tail = 1
+        if EVEN_KV:
+            n_tail = 0
+        for it in range(0, (num_kv_blocks - n_tail) * SUB):
             start = tl.multiple_of(it * BLOCK_N, BLOCK_N)
             acc, l_i, m_i = _fwd_step(
                 acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, kv_len, stride_ks, stride_vs, qk_scale,
                 offs_n, offs_d, HEAD_DIM, HEAD_DIM_PAD, False, TMA,
             )
     else:
-        for it in tl.range(0, n_main * SUB, warp_specialize=WARP_SPEC):
+        count = tl.load(KV_COUNTS + b * stride_cb + h * stride_ch + pid_m * stride_cm)
+        idx_base = KV_INDICES + b * stride_ib + h * stride_ih + pid_m * stride_im
+        n_main = count
+        n_tail = 0
+        if not EVEN_KV:
+            # The partial last key block, if kept, is the last entry of the ascending list.
+            last = tl.load(idx_base + tl.maximum(count - 1, 0))
+            n_tail = tl.where((count > 0) & (last == num_kv_blocks - 1), 1, 0)
+            n_main = count - n_tail
+        for it in range(0, n_main * SUB):
             blk = tl.load(idx_base + it // SUB)
             start = tl.multiple_of(blk * BLOCK_KV + (it % SUB) * BLOCK_N, BLOCK_N)
             acc, l_i, m_i = _fwd_step(
@@ -229,6 +231,7 @@ def block_sparse_fwd(
     block_q: int,
     block_kv: int,
     config: tuple | None = None,
+    full_rows: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on validated inputs.
 
@@ -236,9 +239,12 @@ def block_sparse_fwd(
         q: ``[B, H, Sq, D]``; k, v: ``[B, H, Skv, D]``; last dim contiguous, fp16 / bf16 / fp32.
         kv_counts: int32 ``[B|1, H|1, Mq]``; kv_indices: int32 ``[B|1, H|1, Mq, Mk]``, last dim contiguous.
         scale: softmax scale (> 0).
-        config: a :class:`FwdConfig` (or a tuple of its fields, ``(BLOCK_N, num_warps, num_stages[, tma[,
-            warp_specialize]])``) to bypass the autotuner (benchmark sweeps, tests). ``tma=True`` on
-            tensors that do not qualify (:func:`~._common.tma_eligible`) runs the pointer path.
+        config: a :class:`FwdConfig` (or a tuple of its fields, ``(BLOCK_N, num_warps, num_stages[, tma])``)
+            to bypass the autotuner (benchmark sweeps, tests). ``tma=True`` on tensors that do not qualify
+            (:func:`~._common.tma_eligible`) runs the pointer path.
+        full_rows: compile the in-order loop that ignores the index lists. Only correct when every
+            ``kv_counts`` entry equals ``Mk``; ``None`` (default) asks :func:`~.layout_ops.full_rows_hint`,
+            which knows it from the second call on a layout, without a host sync.
 
     Returns:
         ``o`` ``[B, H, Sq, D]`` (q's dtype and, where dense, its strides) and ``lse`` fp32 ``[B, H, Sq]``
@@ -253,6 +259,8 @@ def block_sparse_fwd(
     tma_ok = Skv > 0 and tma_eligible(k, v)
     if tma_ok:
         ensure_tma_allocator(q.device)
+    if full_rows is None:
+        full_rows = full_rows_hint(kv_counts, kv_indices.shape[-1])
     cs = broadcast_strides(kv_counts)
     is_ = broadcast_strides(kv_indices)
     grid = (triton.cdiv(Sq, block_q), B * H)
@@ -268,7 +276,7 @@ def block_sparse_fwd(
     )
     meta = dict(
         HEAD_DIM=D, HEAD_DIM_PAD=padded_head_dim(D), BLOCK_M=block_q, BLOCK_KV=block_kv,
-        EVEN_KV=Skv % block_kv == 0, TMA_OK=tma_ok,
+        EVEN_KV=Skv % block_kv == 0, TMA_OK=tma_ok, FULL_ROWS=bool(full_rows),
     )
     if config is None and interpreting():
         # Whole layout blocks per step: the interpreter's cost grows with the number of steps.
@@ -279,7 +287,7 @@ def block_sparse_fwd(
     else:
         cfg = FwdConfig(*config)
         _block_sparse_fwd_kernel.fn[grid](
-            *args, **meta, BLOCK_N=cfg.block_n, USE_TMA=cfg.tma, WARP_SPEC=cfg.warp_specialize,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            *args, **meta, BLOCK_N=cfg.block_n, USE_TMA=cfg.tma, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     return o, lse
