@@ -96,6 +96,7 @@ def block_sparse_attention_torch(
     Skv, Dv = k.shape[2], v.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     dtype = torch.promote_types(q.dtype, torch.float32)
+    shared = layout.batch == 1 and layout.heads == 1
     lay = layout.to(q.device).expand(B, H)
     bq, bk = lay.block_q, lay.block_kv
     mq, mk = lay.num_q_blocks, lay.num_kv_blocks
@@ -121,12 +122,30 @@ def block_sparse_attention_torch(
     outs, lses = [], []
     for m0 in range(0, mq, chunk):
         m1 = min(mq, m0 + chunk)
-        kg = kp[bi, hi, idx[:, :, m0:m1]].flatten(3, 4)  # [B, H, n, C*bk, D]
-        vg = vp[bi, hi, idx[:, :, m0:m1]].flatten(3, 4)
+        if shared:  # one layout for every (batch, head): a plain gather along the block axis
+            kg = kp[:, :, idx[0, 0, m0:m1]].flatten(3, 4)  # [B, H, n, C*bk, D]
+            vg = vp[:, :, idx[0, 0, m0:m1]].flatten(3, 4)
+        else:
+            kg = kp[bi, hi, idx[:, :, m0:m1]].flatten(3, 4)
+            vg = vp[bi, hi, idx[:, :, m0:m1]].flatten(3, 4)
+        ok = key_ok[:, :, m0:m1].unsqueeze(-2)  # [B, H, n, 1, C*bk]
+        if not return_lse:
+            # The fused SDPA kernel on the gathered blocks: ~4x faster than the explicit softmax on CPU
+            # (Wan-like 2304 tokens, 30% density). Empty rows give NaN there; they are zeroed below.
+            # 4-D inputs: SDPA's fused CPU kernel does not take the 5-D ones.
+            n = m1 - m0
+            o = F.scaled_dot_product_attention(
+                qp[:, :, m0:m1].reshape(B * H * n, 1, bq, D), kg.reshape(B * H * n, 1, -1, D),
+                vg.reshape(B * H * n, 1, -1, Dv), attn_mask=ok.reshape(B * H * n, 1, 1, -1), scale=scale,
+            ).view(B, H, n, bq, Dv)
+            outs.append(torch.where(ok.any(-1, keepdim=True), o, torch.zeros((), dtype=o.dtype, device=o.device)))
+            continue
         logits = torch.matmul(qp[:, :, m0:m1], kg.transpose(-1, -2)) * scale  # [B, H, n, bq, C*bk]
-        o, lse = _masked_softmax_av(logits, key_ok[:, :, m0:m1].unsqueeze(-2), vg)
+        o, lse = _masked_softmax_av(logits, ok, vg)
         outs.append(o)
         lses.append(lse)
     o = torch.cat(outs, dim=2).reshape(B, H, mq * bq, Dv)[:, :, :Sq].to(q.dtype)
+    if not return_lse:
+        return o
     lse = torch.cat(lses, dim=2).reshape(B, H, mq * bq)[:, :, :Sq].float()
     return (o, lse) if return_lse else o
