@@ -36,6 +36,7 @@ _LAZY = {
     "SparseAttentionConfig": ".config",
     "apply_sparse_attention": ".apply",
     "remove_sparse_attention": ".apply",
+    "sla_modules": ".apply",
     "SparseAttnProcessor": ".processors",
     "SparseLinearAttention": ".sla",
     "save_sla_weights": ".sla",

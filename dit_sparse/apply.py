@@ -13,10 +13,13 @@ Example::
 Applying registers the dit-sparse hook on the transformer (both experts of Wan 2.2, sharing one
 engine), puts the family's sparse processor on every self / joint attention module (cross-attention
 modules keep theirs), remembers the original processor objects and attaches
-``transformer.sparse_attention_stats()``. Processors that hold weights (IP-adapter) are left as they
-are and listed in ``stats()["skipped"]``. Removing restores the original processor objects exactly and
-removes the hook and the stats method. Applying again first removes the previous application. The
-caller's config is never modified (the application works on a copy).
+``transformer.sparse_attention_stats()``. With ``reuse_scope="block"`` it also registers a block hook
+on every transformer block (``dit_sparse/block_hooks.py``); with ``mode="sla"`` every replaced module
+gets a ``SparseLinearAttention`` submodule ``attn.sla`` (``dit_sparse/sla_layers.py``; listed by
+:func:`sla_modules`). Processors that hold weights (IP-adapter) are left as they are and listed in
+``stats()["skipped"]``. Removing restores the original processor objects exactly and removes the
+hooks, the SLA modules and the stats method. Applying again first removes the previous application.
+The caller's config is never modified (the application works on a copy).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import torch
 
 from .config import SparseAttentionConfig
 from .engine import SparseAttentionEngine
+from .sla_layers import sla_modules
 
-__all__ = ["apply_sparse_attention", "remove_sparse_attention", "attach_processor"]
+__all__ = ["apply_sparse_attention", "remove_sparse_attention", "attach_processor", "sla_modules"]
 
 _STATE_ATTR = "_dit_sparse_application"
 _STATS_ATTR = "sparse_attention_stats"
@@ -116,7 +120,9 @@ def apply_sparse_attention(pipe_or_transformer, config: SparseAttentionConfig | 
             a bare transformer called outside a pipeline that reports it.
 
     Raises:
-        ValueError: unsupported model (the message lists the supported classes) or bad config.
+        ValueError: unsupported model (the message lists the supported classes), bad config, or an
+            ``sla_weights`` file that does not fit the model. Raised before any module is changed
+            (beyond removing an earlier application).
     """
     if config is None:
         config = SparseAttentionConfig()
@@ -127,24 +133,79 @@ def apply_sparse_attention(pipe_or_transformer, config: SparseAttentionConfig | 
     transformers, scheduler = _transformers_and_scheduler(pipe_or_transformer)
     families = [_family_or_raise(t) for t in transformers]
     engine = SparseAttentionEngine(config.copy(), num_steps=num_steps)
+    stored = _stored_sla(engine)
+    # Plan everything first: a bad model / config / weights file raises before a processor is replaced.
+    plans = []
     for i, (transformer, family) in enumerate(zip(transformers, families)):
         remove_sparse_attention(transformer)
         prefix = "" if i == 0 else f"transformer_{i + 1}."
         replace, layers = _plan_modules(transformer, family, engine, prefix)
         engine.add_layers(layers)
+        blocks = _plan_blocks(transformer, engine, family, prefix)
+        sla = _build_sla(replace, engine, prefix, stored)
+        plans.append((transformer, family, prefix, replace, blocks, sla))
+    _check_sla_file_used(stored, {prefix + name for _, _, prefix, _, _, sla in plans for name in sla}, engine)
+    for transformer, family, prefix, replace, blocks, sla in plans:
         proc = family.processor_cls().bind(engine)
         originals = {}
         for name, module in replace:
             originals[name] = module.processor
             _set_processor(module, proc)
-        _attach(transformer, engine, family, scheduler, originals)
+        _install_sla(transformer, engine, sla, prefix)
+        _attach(transformer, engine, family, scheduler, originals, blocks)
     return transformers[0]
 
 
-def _attach(transformer, engine, family, scheduler, originals) -> None:
+def _stored_sla(engine):
+    """``mode="sla"``: the modules of the ``sla_weights`` file (``None`` without one / in other modes)."""
+    if engine.config.mode != "sla":
+        return None
+    from .sla_layers import load_weights_file
+
+    return load_weights_file(engine.config)
+
+
+def _build_sla(replace, engine, prefix: str, stored) -> dict:
+    """``mode="sla"``: a SparseLinearAttention per replaced module (not registered yet); else ``{}``."""
+    if engine.config.mode != "sla":
+        return {}
+    from .engine import SUPPORTED_HEAD_DIMS
+    from .sla_layers import build_sla_modules
+
+    return build_sla_modules(replace, engine.config, SUPPORTED_HEAD_DIMS, prefix, stored)
+
+
+def _check_sla_file_used(stored, used: set, engine) -> None:
+    if stored is not None:
+        from .sla_layers import check_all_used
+
+        check_all_used(stored, used, engine.config.sla_weights)
+
+
+def _install_sla(transformer, engine, sla: dict, prefix: str) -> None:
+    if sla:
+        from .sla_layers import attach_sla_modules
+
+        attach_sla_modules(transformer, sla)
+        engine.add_sla_modules(sla, prefix)
+
+
+def _plan_blocks(transformer, engine, family, prefix: str):
+    """The blocks to hook for block-level step caching (``None`` unless ``reuse_scope="block"``)."""
+    if engine.block_cache is None:
+        return None
+    from .block_hooks import plan_block_hooks
+
+    return plan_block_hooks(transformer, engine, family, prefix)
+
+
+def _attach(transformer, engine, family, scheduler, originals, blocks) -> None:
+    from .block_hooks import add_block_hooks
     from .hooks import register_hook
 
     register_hook(transformer, engine, family, scheduler)
+    if blocks is not None:
+        add_block_hooks(transformer, engine, blocks)
     setattr(transformer, _STATE_ATTR, _Application(engine, family, originals))
     setattr(transformer, _STATS_ATTR, engine.stats)
 
@@ -162,24 +223,31 @@ def attach_processor(transformer, processor) -> None:
     remove_hook(transformer)
     replace, layers = _plan_modules(transformer, family, engine, "")
     engine.add_layers(layers)
+    blocks = _plan_blocks(transformer, engine, family, "")
+    stored = _stored_sla(engine)
+    sla = _build_sla(replace, engine, "", stored)
+    _check_sla_file_used(stored, set(sla), engine)
+    _install_sla(transformer, engine, sla, "")
     sparse = family.processor_cls().bind(engine)
     replaced = {id(m) for _, m in replace}
     handlers = {}
     for name, module in _attention_modules(transformer):
         handlers[id(module)] = sparse if id(module) in replaced else family.stock_processor(name, module)
     processor.set_handlers(handlers)
-    _attach(transformer, engine, family, None, {})
+    _attach(transformer, engine, family, None, {}, blocks)
 
 
 def remove_sparse_attention(pipe_or_transformer):
-    """Undo :func:`apply_sparse_attention`: original processors back, hook and stats method removed.
+    """Undo :func:`apply_sparse_attention`: original processors back, hooks and stats method removed.
 
     Returns the transformer. A transformer without dit-sparse is returned unchanged. A transformer that
     got a :class:`~dit_sparse.processors.SparseAttnProcessor` through ``set_attn_processor`` gets fresh
     stock processors (the ones it had before were never seen by dit-sparse).
     """
+    from .block_hooks import remove_block_hooks
     from .hooks import remove_hook
     from .processors.generic import SparseAttnProcessor
+    from .sla_layers import remove_sla_modules
 
     transformers, _ = _transformers_and_scheduler(pipe_or_transformer)
     for transformer in transformers:
@@ -193,5 +261,7 @@ def remove_sparse_attention(pipe_or_transformer):
             delattr(transformer, _STATE_ATTR)
         if _STATS_ATTR in transformer.__dict__:
             delattr(transformer, _STATS_ATTR)
+        remove_block_hooks(transformer)
+        remove_sla_modules(transformer)
         remove_hook(transformer)
     return transformers[0]

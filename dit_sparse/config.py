@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SparseAttentionConfig", "MODES", "PATTERNS", "BACKENDS", "REUSE_MODES"]
+__all__ = ["SparseAttentionConfig", "MODES", "PATTERNS", "BACKENDS", "REUSE_MODES", "REUSE_SCOPES",
+           "SLA_FEATURE_MAPS"]
 
 MODES = ("sparse", "sla", "dense")
 PATTERNS = ("dense", "tile3d", "spatiotemporal", "topk")
 BACKENDS = ("auto", "triton", "torch")
 REUSE_MODES = ("residual", "output")
+REUSE_SCOPES = ("attention", "block")
+SLA_FEATURE_MAPS = ("softmax", "elu", "relu")
 KERNEL_BLOCK_SIZES = (64, 128)
 
 
@@ -35,8 +39,8 @@ class SparseAttentionConfig:
 
     Attention:
         mode: ``"sparse"`` (block-sparse attention with ``pattern``), ``"sla"`` (sparse-linear attention,
-            for models fine-tuned with ``dit-sparse finetune``) or ``"dense"`` (our code path with every
-            block kept: density 1, useful as a reference).
+            for models fine-tuned with ``dit-sparse finetune``; see the ``sla_*`` fields) or ``"dense"``
+            (our code path with every block kept: density 1, useful as a reference).
         pattern: patterns joined by ``+`` (their union): ``tile3d``, ``spatiotemporal``, ``topk``,
             ``dense``; e.g. ``"tile3d+topk"``.
         window: ``(t, h, w)`` window of the ``tile3d`` pattern, in tiles (odd numbers centre it).
@@ -49,15 +53,37 @@ class SparseAttentionConfig:
             row and column dense.
         first_frame_sink: number of leading latent frames every query attends to (0 = off).
 
+    Sparse-linear attention (``mode="sla"``; ``pattern`` and its parameters are not used there):
+        sla_topk: fraction of key blocks per query block attended exactly (the rest goes through the
+            linear part); ``None``: the value stored in ``sla_weights``, else 0.05.
+        sla_feature_map: phi of the linear part, ``"softmax"``, ``"elu"`` or ``"relu"``; ``None``: the
+            one stored in ``sla_weights``, else ``"softmax"``.
+        sla_weights: path of a ``sla_weights.safetensors`` written by ``dit-sparse finetune`` (keys by
+            attention module path); ``None``: fresh modules whose projection is zero (then SLA is
+            block-sparse attention over the top ``sla_topk`` blocks).
+
     Schedule:
         dense_steps: the first steps run dense: a fraction of the steps (float in ``[0, 1)``) or a
             number of steps (int >= 0).
         dense_layers: indices of self-attention layers that always run dense.
-        reuse_every: after the dense warm-up, compute a layer's attention on every ``reuse_every``-th
-            step and reuse in between (``None`` = never reuse); see ``dit_sparse.schedule``.
-        reuse_mode: ``"output"``: a reuse step returns the attention output kept from the last
-            computing step (no attention at all); ``"residual"``: the step before a reuse run is dense
-            and keeps ``dense - sparse``, reuse steps compute sparse attention and add it back.
+        reuse_every: after the dense warm-up, compute on every ``reuse_every``-th step and reuse in
+            between (``None`` = never reuse); what is reused is set by ``reuse_scope``; see
+            ``dit_sparse.schedule``.
+        reuse_scope: ``"attention"``: each self-attention layer reuses its attention as ``reuse_mode``
+            says; ``"block"``: a reuse step skips whole transformer blocks (attention, cross-attention and
+            feed-forward) and returns each block's input plus the residual (output - input) the block
+            produced on the last computing step, for the video and, in joint-attention blocks, the text
+            stream (see ``dit_sparse.block_cache``).
+        reuse_mode: (``reuse_scope="attention"`` only) ``"output"``: a reuse step returns the attention
+            output kept from the last computing step (no attention at all); ``"residual"``: the step
+            before a reuse run is dense and keeps ``dense - sparse``, reuse steps compute sparse
+            attention and add it back.
+        always_compute_blocks: (``reuse_scope="block"`` only) transformer blocks that compute on every
+            step, numbered in execution order over all block lists (Flux / HunyuanVideo: double-stream
+            then single-stream blocks); negative indices count from the end. The default ``(0, -1)``
+            keeps the first and the last block computing: they see the current step's input and
+            timestep, which the cached residuals of the blocks between them cannot (a cost of 2 of
+            the model's blocks per reuse step, e.g. 2 of Wan 1.3B's 30).
 
     Pattern cache:
         refresh_every: rebuild a cached layout after this many steps (``None`` = keep it).
@@ -79,10 +105,15 @@ class SparseAttentionConfig:
     block_size: int = 128
     text_always_on: bool = True
     first_frame_sink: int = 0
+    sla_topk: float | None = None
+    sla_feature_map: str | None = None
+    sla_weights: str | None = None
     dense_steps: float | int = 0.2
     dense_layers: tuple[int, ...] = ()
     reuse_every: int | None = None
+    reuse_scope: str = "attention"
     reuse_mode: str = "residual"
+    always_compute_blocks: tuple[int, ...] = (0, -1)
     refresh_every: int | None = None
     drift_threshold: float | None = None
     share_across_layers: bool = False
@@ -95,6 +126,9 @@ class SparseAttentionConfig:
         self.tile = _int_triple("tile", self.tile)
         self.dense_layers = _index_tuple("dense_layers", self.dense_layers)
         self.skip_layers = _index_tuple("skip_layers", self.skip_layers)
+        self.always_compute_blocks = _signed_index_tuple("always_compute_blocks", self.always_compute_blocks)
+        if isinstance(self.sla_weights, os.PathLike):
+            self.sla_weights = os.fspath(self.sla_weights)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -108,6 +142,7 @@ class SparseAttentionConfig:
         _choice("mode", self.mode, MODES)
         _choice("backend", self.backend, BACKENDS)
         _choice("reuse_mode", self.reuse_mode, REUSE_MODES)
+        _choice("reuse_scope", self.reuse_scope, REUSE_SCOPES)
         if not isinstance(self.pattern, str) or not self.pattern.strip():
             raise ValueError(f"pattern must be a non-empty string like 'tile3d' or 'tile3d+topk', got {self.pattern!r}")
         parts = self.pattern_parts
@@ -134,6 +169,7 @@ class SparseAttentionConfig:
                 raise ValueError(f"{name}={v!r} is set but pattern={self.pattern!r} has no topk; add '+topk' or unset it")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 < v <= 1.0):
                 raise ValueError(f"{name} must be a float in (0, 1], got {v!r}")
+        self._validate_sla()
         if self.block_size not in KERNEL_BLOCK_SIZES or isinstance(self.block_size, bool):
             raise ValueError(f"block_size must be one of {KERNEL_BLOCK_SIZES} (kernel block sizes), got {self.block_size!r}")
         for name in ("text_always_on", "share_across_layers"):
@@ -160,6 +196,24 @@ class SparseAttentionConfig:
         overlap = set(self.dense_layers) & set(self.skip_layers)
         if overlap:
             raise ValueError(f"layers {sorted(overlap)} are in both dense_layers and skip_layers; pick one")
+
+    def _validate_sla(self) -> None:
+        given = [n for n in ("sla_topk", "sla_feature_map", "sla_weights") if getattr(self, n) is not None]
+        if self.mode != "sla":
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to mode='sla' (mode is {self.mode!r}); set mode='sla' "
+                                 f"or leave them None")
+            return
+        t = self.sla_topk
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 < t <= 1.0)):
+            raise ValueError(
+                f"sla_topk is the fraction of key blocks attended exactly and must be in (0, 1], got {t!r}"
+            )
+        if self.sla_feature_map is not None:
+            _choice("sla_feature_map", self.sla_feature_map, SLA_FEATURE_MAPS)
+        w = self.sla_weights
+        if w is not None and (not isinstance(w, str) or not w):
+            raise ValueError(f"sla_weights must be None or the path of an SLA weights file, got {w!r}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -225,3 +279,18 @@ def _index_tuple(name: str, value) -> tuple[int, ...]:
     for v in t:
         _nonneg_int(f"{name} entry", v)
     return tuple(sorted(set(t)))
+
+
+def _signed_index_tuple(name: str, value) -> tuple[int, ...]:
+    """Indices that may count from the end (negative); duplicates dropped, order kept."""
+    what = f"{name} must be a list of block indices (ints; negative counts from the end), got {value!r}"
+    if isinstance(value, (str, bytes)):
+        raise ValueError(what)
+    try:
+        t = tuple(value)
+    except TypeError:
+        raise ValueError(what) from None
+    for v in t:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} entries must be ints (negative counts from the end), got {v!r}")
+    return tuple(dict.fromkeys(t))

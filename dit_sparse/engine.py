@@ -12,10 +12,16 @@ processors (``dit_sparse/hooks.py``, ``dit_sparse/processors/``):
 
 ``attend`` carries out the schedule's decision: dense (SDPA, as the stock processor), sparse (permute
 to tile order -> ``PatternCache.get_or_build(pattern.build)`` -> ``block_sparse_attention`` -> unpermute)
-or reuse (``StepCache``). Layouts are cached per (layer, pattern, token layout and heads, branch);
-the branch is the CFG pass index (0 for the first forward of a timestep, 1 for a second one), so
-separate cond / uncond forwards get their own layouts and a batched CFG forward one layout covering
-its batch.
+or reuse (``StepCache``). In ``mode="sla"`` the sparse step runs the layer's
+``SparseLinearAttention`` (``attn.sla``) on the tile-ordered tokens instead of the pattern + kernel.
+With ``reuse_scope="block"`` the attention schedule never reuses; whole transformer blocks are skipped
+instead by the block hooks (``dit_sparse/block_hooks.py``), which read the step and branch from
+:attr:`~SparseAttentionEngine.active_call` and keep their residuals in
+:attr:`~SparseAttentionEngine.block_cache`.
+
+Layouts are cached per (layer, pattern, token layout and heads, branch); the branch is the CFG pass
+index (0 for the first forward of a timestep, 1 for a second one), so separate cond / uncond forwards
+get their own layouts and a batched CFG forward one layout covering its batch.
 
 Text keys behind a padding mask (HunyuanVideo, Mochi) never reach the kernel: the kernel attends to
 the video keys, the text keys are attended densely with the mask in query chunks, and both parts are
@@ -35,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .block_cache import BlockCache
 from .cache import CacheKey, PatternCache
 from .config import SparseAttentionConfig
 from .layout import TokenLayout
@@ -120,20 +127,17 @@ class SparseAttentionEngine:
     def __init__(self, config: SparseAttentionConfig, num_steps: int | None = None):
         if not isinstance(config, SparseAttentionConfig):
             raise ValueError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
-        if config.mode == "sla":
-            raise ValueError(
-                "mode='sla' needs the sparse-linear projection weights of a model fine-tuned with "
-                "`dit-sparse finetune`; inference with them is not wired into apply_sparse_attention yet - "
-                "use mode='sparse'"
-            )
         self.config = config
         self.num_steps = num_steps
+        block_scope = config.reuse_scope == "block"
         self.schedule = StepSchedule(
             dense_steps=config.dense_steps,
             dense_layers=config.dense_layers,
-            reuse_every=config.reuse_every,
+            reuse_every=None if block_scope else config.reuse_every,
             reuse_mode=config.reuse_mode,
         )
+        # Block-level step caching (reuse_scope="block"): residuals and counters of the block hooks.
+        self.block_cache = BlockCache(config.dense_steps, config.reuse_every) if block_scope else None
         self.cache = PatternCache(
             refresh_every=config.refresh_every,
             drift_threshold=config.drift_threshold,
@@ -144,9 +148,12 @@ class SparseAttentionEngine:
         self.layers: dict[int, LayerInfo] = {}  # id(attention module) -> LayerInfo
         self.modules: dict[int, object] = {}  # id -> module (keeps ids valid while applied)
         self.call: CallInfo | None = None
+        self._last_call: CallInfo | None = None  # for activation-checkpointing recomputation in backward
         self.skipped: dict[str, str] = {}  # module name -> why it was left untouched
         self._patterns: dict[int, object] = {}
         self._restricted: dict[tuple, tuple] = {}
+        # mode="sla": layer name -> its SparseLinearAttention (registered by apply as <attention>.sla)
+        self.sla_modules: dict[str, torch.nn.Module] = {}
         self.reset_stats()
 
     # ------------------------------------------------------------------ registration
@@ -160,6 +167,11 @@ class SparseAttentionEngine:
         for i, (name, module) in enumerate(named_modules):
             self.layers[id(module)] = LayerInfo(i, name, count)
             self.modules[id(module)] = module
+
+    def add_sla_modules(self, modules: dict[str, torch.nn.Module], prefix: str = "") -> None:
+        """``mode="sla"``: the SparseLinearAttention of each layer, by module name (``prefix`` + name)."""
+        for name, module in modules.items():
+            self.sla_modules[prefix + name] = module
 
     @property
     def num_layers(self) -> int:
@@ -194,13 +206,44 @@ class SparseAttentionEngine:
         return self.call
 
     def end_call(self) -> None:
+        self._last_call = self.call
         self.call = None
+
+    @property
+    def active_call(self) -> CallInfo | None:
+        """The transformer forward attention runs in: :attr:`call` during a forward; during backward, the
+        last forward's (gradient checkpointing recomputes blocks after the forward ended, and must
+        compute exactly what the forward did); else ``None``."""
+        if self.call is not None:
+            return self.call
+        if self._last_call is not None and _in_backward():
+            return self._last_call
+        return None
+
+    def schedule_num_steps(self, call: CallInfo) -> int | None:
+        """The step count the schedules use for ``call`` (at least ``call.step + 1``).
+
+        Raises ``ValueError`` when it is unknown but a fractional ``dense_steps`` needs it.
+        """
+        n = call.num_steps
+        if n is not None and call.step >= n:
+            n = call.step + 1
+        if n is None and isinstance(self.config.dense_steps, float) and self.config.dense_steps > 0:
+            raise ValueError(
+                f"dense_steps={self.config.dense_steps} is a fraction but the number of denoising steps is "
+                f"unknown: apply to the pipeline (not just its transformer), pass num_steps= to "
+                f"apply_sparse_attention, or give dense_steps as an int"
+            )
+        return n
 
     def reset_generation(self) -> None:
         """Forget the denoising position and step-cached outputs (pattern layouts stay cached)."""
         self.state.reset()
         self.step_cache.reset()
+        if self.block_cache is not None:
+            self.block_cache.reset()
         self.call = None
+        self._last_call = None
         self.generations += 1
 
     # ------------------------------------------------------------------ processor side
@@ -215,26 +258,20 @@ class SparseAttentionEngine:
         layer = self.layers.get(id(attn))
         if layer is None:
             return self._passthrough("not_registered")
-        call = self.call
+        call = self.active_call
         if call is None:
             return self._passthrough("no_call_info")
         if head_dim not in SUPPORTED_HEAD_DIMS:
             return self._passthrough("head_dim")
+        if self.config.mode == "sla" and layer.name not in self.sla_modules:
+            return self._passthrough("no_sla_module")
         f, h, w = call.grid
         if video_len != f * h * w:
             return self._passthrough("grid_mismatch")
         seq = video_len + text_len
         if seq < self.config.block_size:
             return self._passthrough("short_sequence")
-        n = call.num_steps
-        if n is not None and call.step >= n:
-            n = call.step + 1
-        if n is None and isinstance(self.config.dense_steps, float) and self.config.dense_steps > 0:
-            raise ValueError(
-                f"dense_steps={self.config.dense_steps} is a fraction but the number of denoising steps is "
-                f"unknown: apply to the pipeline (not just its transformer), pass num_steps= to "
-                f"apply_sparse_attention, or give dense_steps as an int"
-            )
+        n = self.schedule_num_steps(call)
         decision = self.schedule.decide(call.step, layer.index, num_steps=n, num_layers=layer.count)
         if decision.mode == "dense" and not decision.store_residual and not decision.store_output:
             self.counts["dense"] += 1
@@ -255,7 +292,10 @@ class SparseAttentionEngine:
         key = (plan.layer.name, plan.branch)
         decision = plan.decision
         dense_fn = lambda: _dense_attention(q, k, v, plan.token_layout, text_valid, scale)  # noqa: E731
-        sparse_fn = lambda: self._sparse(plan, q, k, v, text_valid, scale)  # noqa: E731
+        if self.config.mode == "sla":
+            sparse_fn = lambda: self._sla(plan, q, k, v, text_valid, scale)  # noqa: E731
+        else:
+            sparse_fn = lambda: self._sparse(plan, q, k, v, text_valid, scale)  # noqa: E731
         self.counts[decision.mode] += 1
         return self.step_cache.run(decision, key, plan.step, dense_fn, sparse_fn)
 
@@ -300,6 +340,26 @@ class SparseAttentionEngine:
             o = _merge_text_keys(qp, kp[:, :, nv:], vp[:, :, nv:], text_valid, o_v, lse_v, scale)
         return tl.unpermute(o, 2)
 
+    def _sla(self, plan: Plan, q, k, v, text_valid, scale) -> torch.Tensor:
+        """Sparse-linear attention of the layer's SparseLinearAttention over tile-ordered tokens; its
+        critical blocks are chosen on every call (the same rule the fine-tune trained with)."""
+        tl = plan.token_layout
+        sla = self.sla_modules[plan.layer.name]
+        if scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+            raise ValueError(f"mode='sla' uses the softmax scale 1/sqrt(head_dim); this model asks for {scale}; "
+                             f"use mode='sparse'")
+        if text_valid is not None and tl.text_len > 0 and not bool(text_valid.all()):
+            raise ValueError(
+                "mode='sla' cannot mask padded text keys (its linear part sums over every key); pass an "
+                "unpadded prompt (all-True encoder_attention_mask) or use mode='sparse'"
+            )
+        qp, kp, vp = tl.permute(q, 2), tl.permute(k, 2), tl.permute(v, 2)
+        layout = sla.select_blocks(qp, kp)
+        d = layout.density().mean().detach().float()  # stays on the device: no sync here
+        self._sla_density_sum = d if self._sla_density_sum is None else self._sla_density_sum + d
+        self._sla_calls += 1
+        return tl.unpermute(sla(qp, kp, vp, layout=layout), 2)
+
     def _video_keys_layout(self, layer: str, branch: int, layout, video_len: int):
         """``layout`` restricted to the video keys, memoised while the cache serves the same layout."""
         memo_key = (layer, branch)
@@ -318,8 +378,12 @@ class SparseAttentionEngine:
         self.transformer_calls = 0
         self.generations = 0
         self._timings: list = []
+        self._sla_density_sum = None
+        self._sla_calls = 0
         if hasattr(self, "cache"):
             self.cache.reset_stats()
+        if getattr(self, "block_cache", None) is not None:
+            self.block_cache.reset_stats()
 
     def timer_start(self, device: torch.device):
         if device.type == "cuda":
@@ -343,11 +407,16 @@ class SparseAttentionEngine:
 
         * ``calls``: attention calls per mode on our path (``dense`` counts schedule-dense calls computed
           by the stock path, ``sparse``, ``reuse``) and ``passthrough`` reasons
-        * ``density``: mean fraction of token pairs kept by the sparse layouts served
-        * ``effective_density``: the same over all self-attention calls (dense = 1, output reuse = 0)
+        * ``density``: mean fraction of token pairs kept by the sparse layouts served (``mode="sla"``: of
+          the pairs attended exactly; the linear part covers the rest)
+        * ``effective_density``: the same over all self-attention calls (dense = 1, output reuse and
+          attention skipped with a reused block = 0)
         * ``cache``: the pattern cache's counters (hits, misses, build time, ...)
         * ``time_s`` / ``transformer_calls`` / ``time_per_call_s``: transformer forward wall time
         * ``steps`` (distinct steps seen), ``generations``, ``skipped`` (modules left untouched and why)
+        * ``block_reuse`` (``reuse_scope="block"``, else ``None``): transformer block calls computed /
+          reused / fallback, steps computed / with reused blocks, residual memory kept
+          (:meth:`~dit_sparse.block_cache.BlockCache.stats`)
         """
         cache = self.cache.stats()
         times = []
@@ -358,8 +427,12 @@ class SparseAttentionEngine:
                 t[1].synchronize()
                 times.append(t[0].elapsed_time(t[1]) / 1000.0)
         dens = cache["mean_density"]
+        if self.config.mode == "sla":  # critical (exactly attended) blocks of the SLA calls
+            dens = float(self._sla_density_sum) / self._sla_calls if self._sla_calls else float("nan")
         sparse_calls = self.counts["sparse"] + (self.counts["reuse"] if self.config.reuse_mode == "residual" else 0)
         total = self.counts["dense"] + self.counts["sparse"] + self.counts["reuse"]
+        if self.block_cache is not None:  # attention calls skipped with reused blocks keep nothing
+            total += self.block_cache.attention_skipped
         eff = float("nan")
         if total:
             kept = self.counts["dense"] + (dens * sparse_calls if sparse_calls else 0.0)
@@ -378,7 +451,14 @@ class SparseAttentionEngine:
             "steps": len(self.steps_seen),
             "generations": self.generations,
             "skipped": dict(self.skipped),
+            "block_reuse": None if self.block_cache is None else self.block_cache.stats(),
         }
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread (where checkpointed blocks recompute)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 def _timestep_value(timestep) -> float:

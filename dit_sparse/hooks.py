@@ -60,6 +60,9 @@ class SparseAttentionHook(ModelHook):
         self.scheduler = scheduler
         self.cache_context = _ContextReceiver()
         self._timer = None
+        # set by register_hook so that removing can leave the transformer as it found it
+        self.created_registry = False
+        self.had_forward_attr = False
 
     @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
@@ -92,10 +95,11 @@ class SparseAttentionHook(ModelHook):
 
 def register_hook(transformer, engine, family, scheduler=None) -> SparseAttentionHook:
     """Register a fresh :class:`SparseAttentionHook` on ``transformer`` (replacing an earlier one)."""
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    if registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
+    remove_hook(transformer)
     hook = SparseAttentionHook(engine, family, scheduler)
+    hook.created_registry = "_diffusers_hook" not in transformer.__dict__
+    hook.had_forward_attr = "forward" in transformer.__dict__
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.register_hook(hook, HOOK_NAME)
     registry.invalidate_child_registries_cache()
     return hook
@@ -107,9 +111,18 @@ def get_hook(transformer) -> SparseAttentionHook | None:
 
 
 def remove_hook(transformer) -> bool:
-    """Remove the dit-sparse hook; returns whether there was one."""
+    """Remove the dit-sparse hook; returns whether there was one.
+
+    When it was the transformer's only diffusers hook, the hook registry and the instance ``forward``
+    it installed go too (the transformer is left as it was before :func:`register_hook`).
+    """
     registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is None or registry.get_hook(HOOK_NAME) is None:
+    hook = None if registry is None else registry.get_hook(HOOK_NAME)
+    if hook is None:
         return False
     registry.remove_hook(HOOK_NAME, recurse=False)
+    if not registry.hooks and hook.created_registry:
+        del transformer._diffusers_hook
+        if not hook.had_forward_attr:
+            transformer.__dict__.pop("forward", None)
     return True

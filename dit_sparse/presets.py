@@ -8,10 +8,16 @@ and the quality reports of ``scripts/`` - never typed in by hand. Until then ``m
 Presets, from closest-to-dense to fastest::
 
     dense     our code path with every block kept (a reference; no speed-up)
-    quality   wide 3D tile windows, long dense warm-up
-    balanced  3x3x3-tile windows plus top-k blocks, 20% dense warm-up
-    fast      3x3x3-tile windows, short warm-up
-    turbo     fast + attention outputs reused on every other step after the warm-up
+    quality   wide 3D tile windows, long dense warm-up                       (attention only)
+    balanced  3x3x3-tile windows plus top-k blocks, 20% dense warm-up        (attention only)
+    fast      3x3x3-tile windows, 10% dense warm-up, then whole transformer blocks computed on every
+              2nd step and reused (input + kept residual) in between
+    turbo     as fast, but blocks computed on every 3rd step
+
+``fast`` and ``turbo`` combine the two speed levers: sparse attention makes a computing step cheaper,
+block-level step caching (``reuse_scope="block"``, ``dit_sparse/block_cache.py``) skips all blocks but
+the first and the last on the other steps. Attention-only savings are bounded by attention's share of
+a step; block reuse also saves the feed-forward and cross-attention time.
 """
 
 from __future__ import annotations
@@ -57,13 +63,19 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "fast",
-            "3x3x3-tile windows, 10% dense warm-up steps",
-            {"pattern": "tile3d", "window": (3, 3, 3), "dense_steps": 0.1},
+            "3x3x3-tile windows, 10% dense warm-up steps; after the warm-up every transformer block but the "
+            "first and last computes on every 2nd step and in between returns its input plus the residual "
+            "it produced on its last computing step (block reuse)",
+            {"pattern": "tile3d", "window": (3, 3, 3), "dense_steps": 0.1, "reuse_scope": "block",
+             "reuse_every": 2, "always_compute_blocks": (0, -1)},
         ),
         Preset(
             "turbo",
-            "fast, plus each layer's attention output computed every other sparse step and reused in between",
-            {"pattern": "tile3d", "window": (3, 3, 3), "dense_steps": 0.1, "reuse_every": 2, "reuse_mode": "output"},
+            "3x3x3-tile windows, 10% dense warm-up steps; after the warm-up every transformer block but the "
+            "first and last computes on every 3rd step and in between returns its input plus the residual "
+            "it produced on its last computing step (block reuse)",
+            {"pattern": "tile3d", "window": (3, 3, 3), "dense_steps": 0.1, "reuse_scope": "block",
+             "reuse_every": 3, "always_compute_blocks": (0, -1)},
         ),
     )
 }

@@ -5,7 +5,8 @@ through a 50-step FlowMatch timestep schedule: only the transformer calls, CFG o
 runs the stock processors with SDPA pinned to cuDNN; each preset runs through
 ``apply_sparse_attention`` (its dense warm-up steps use the same cuDNN SDPA). Then the HunyuanVideo
 config at 720p (129 frames: latents 1x16x33x90x160) for one step, dense vs each preset forced sparse
-(``dense_steps=0``): the time of one sparse step.
+(``dense_steps=0``): the time of one sparse step (block reuse, which ``fast`` and ``turbo`` use, needs
+more than one step, so it does not show there).
 
 Writes ``benchmarks/e2e.json`` and ``benchmarks/e2e.md`` (GPU, date, versions, time per step, total,
 speedup), each written to a temporary name and renamed.
@@ -127,8 +128,18 @@ def _preset_run(model, inputs, timesteps, name: str, num_steps: int, **overrides
         remove_sparse_attention(model)
     out = _summary(times)
     out.update(config=cfg.to_dict(), density=stats["density"], effective_density=stats["effective_density"],
-               calls=stats["calls"], cache_hits=stats["cache"]["hits"], cache_misses=stats["cache"]["misses"])
+               calls=stats["calls"], cache_hits=stats["cache"]["hits"], cache_misses=stats["cache"]["misses"],
+               block_reuse=stats["block_reuse"])
     return out
+
+
+def _blocks_reused(run: dict) -> str:
+    """Fraction of transformer block calls that were reused, for the table ("-": attention-only preset)."""
+    blocks = (run.get("block_reuse") or {}).get("blocks")
+    if not blocks:
+        return "-"
+    total = blocks["computed"] + blocks["reused"]
+    return f"{blocks['reused'] / total:.2f}" if total else "-"
 
 
 def bench_wan(steps: int, presets) -> dict:
@@ -206,11 +217,12 @@ def _markdown(report: dict) -> str:
             continue
         lines += [f"## {r['model']}", "", f"latents {r['latents']}, {r['tokens']} tokens, {r['steps']} step(s)"
                   + (f"; {r['note']}" if "note" in r else ""), "",
-                  "| run | time / step (s) | total (s) | speedup | density |", "|---|---|---|---|---|",
-                  f"| dense cuDNN | {r['dense']['time_per_step_s']:.3f} | {r['dense']['total_s']:.2f} | 1.00x | 1.000 |"]
+                  "| run | time / step (s) | total (s) | speedup | density | blocks reused |",
+                  "|---|---|---|---|---|---|",
+                  f"| dense cuDNN | {r['dense']['time_per_step_s']:.3f} | {r['dense']['total_s']:.2f} | 1.00x | 1.000 | - |"]
         for name, p in r["presets"].items():
             lines.append(f"| {name} | {p['time_per_step_s']:.3f} | {p['total_s']:.2f} | {p['speedup']:.2f}x | "
-                         f"{p['density']:.3f} |")
+                         f"{p['density']:.3f} | {_blocks_reused(p)} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

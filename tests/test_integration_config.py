@@ -21,14 +21,18 @@ from dit_sparse.presets import PRESETS, describe_presets
     dense_steps=st.one_of(st.integers(0, 50), st.floats(0.0, 0.99)),
     reuse=st.one_of(st.none(), st.integers(1, 4)),
     layers=st.lists(st.integers(0, 40), max_size=4),
+    scope=st.sampled_from(["attention", "block"]),
+    always=st.lists(st.integers(-40, 40), max_size=4),
 )
-def test_to_dict_from_dict_round_trip_through_json(pattern, window, ratio, dense_steps, reuse, layers):
+def test_to_dict_from_dict_round_trip_through_json(pattern, window, ratio, dense_steps, reuse, layers, scope, always):
     topk = "topk" in pattern
     cfg = SparseAttentionConfig(pattern=pattern, window=window, topk_ratio=ratio if topk else None,
-                                dense_steps=dense_steps, reuse_every=reuse, dense_layers=layers)
+                                dense_steps=dense_steps, reuse_every=reuse, dense_layers=layers,
+                                reuse_scope=scope, always_compute_blocks=always)
     again = SparseAttentionConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert again.dense_layers == tuple(sorted(set(layers)))
+    assert again.reuse_scope == scope and again.always_compute_blocks == tuple(dict.fromkeys(always))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -45,6 +49,10 @@ def test_to_dict_from_dict_round_trip_through_json(pattern, window, ratio, dense
     ({"dense_steps": -1}, "dense_steps must be >= 0"),
     ({"reuse_every": 0}, "reuse_every must be None or an int >= 1"),
     ({"reuse_mode": "both"}, "reuse_mode must be one of"),
+    ({"reuse_scope": "layer"}, "reuse_scope must be one of 'attention', 'block'"),
+    ({"always_compute_blocks": "0,-1"}, "always_compute_blocks must be a list of block indices"),
+    ({"always_compute_blocks": 3}, "always_compute_blocks must be a list of block indices"),
+    ({"always_compute_blocks": (0, 1.5)}, "always_compute_blocks entries must be ints"),
     ({"drift_threshold": -0.1}, "drift_threshold"),
     ({"dense_layers": [1], "skip_layers": [1]}, "both dense_layers and skip_layers"),
     ({"backend": "cuda"}, "backend must be one of"),
@@ -69,6 +77,7 @@ def test_presets_build_valid_configs_and_patterns():
         SparseAttentionEngine(cfg)
     assert len(describe_presets().splitlines()) == len(PRESETS)
     assert SparseAttentionConfig.preset("fast", dense_steps=0.3).dense_steps == 0.3
+    assert SparseAttentionConfig().reuse_scope == "attention"  # the default reuses nothing at block level
     with pytest.raises(ValueError, match="unknown preset 'ultra'"):
         SparseAttentionConfig.preset("ultra")
 
@@ -86,6 +95,7 @@ def test_pattern_union_follows_config():
     assert build_pattern(SparseAttentionConfig(mode="dense"), 8).name == "dense"
 
 
-def test_sla_mode_is_refused_with_a_reason():
-    with pytest.raises(ValueError, match="mode='sla' needs"):
-        SparseAttentionEngine(SparseAttentionConfig(mode="sla"))
+def test_sla_mode_builds_an_engine_and_round_trips():
+    cfg = SparseAttentionConfig(mode="sla", sla_topk=0.1, sla_feature_map="elu", sla_weights="runs/sla/w.safetensors")
+    assert SparseAttentionEngine(cfg).sla_modules == {}  # filled by apply_sparse_attention
+    assert SparseAttentionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -32,6 +32,8 @@ class Family:
     * ``call_info(module, args)``: from the transformer's bound forward arguments, the token grid
       ``(frames, height, width)`` after patchify, the number of text tokens inside joint attention and
       the timestep
+    * ``block_lists``: names of the transformer's ``ModuleList`` attributes holding its transformer
+      blocks, in the order the forward runs them (block-level step caching hooks these blocks)
     """
 
     name: str
@@ -40,6 +42,7 @@ class Family:
     is_self_attention: Callable[[str, Any], bool]
     stock_processor: Callable[[str, Any], Any]
     call_info: Callable[[Any, dict], tuple[tuple[int, int, int], int, Any]]
+    block_lists: tuple[str, ...] = ("transformer_blocks",)
 
 
 class SparseProcessorMixin:

@@ -74,4 +74,5 @@ FAMILY = Family(
     is_self_attention=lambda name, module: name.endswith(".attn1"),
     stock_processor=lambda name, module: CogVideoXAttnProcessor2_0(),
     call_info=_call_info,
+    block_lists=("transformer_blocks",),
 )

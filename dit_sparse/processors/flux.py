@@ -32,9 +32,10 @@ class FluxSparseAttnProcessor(SparseProcessorMixin, FluxAttnProcessor):
     ) -> torch.Tensor:
         plan = None
         engine = self.engine
-        if attention_mask is None and engine is not None and engine.call is not None:
+        call = None if engine is None else engine.active_call
+        if attention_mask is None and call is not None:
             if encoder_hidden_states is None:
-                text_len = engine.call.text_len
+                text_len = call.text_len
                 plan = self._plan(attn, attn.head_dim, hidden_states.shape[1] - text_len, text_len, True)
             elif attn.added_kv_proj_dim is not None:
                 plan = self._plan(attn, attn.head_dim, hidden_states.shape[1], encoder_hidden_states.shape[1], True)
@@ -83,4 +84,5 @@ FAMILY = Family(
     is_self_attention=_is_joint,
     stock_processor=lambda name, module: FluxAttnProcessor(),
     call_info=_call_info,
+    block_lists=("transformer_blocks", "single_transformer_blocks"),
 )

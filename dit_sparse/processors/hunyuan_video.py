@@ -99,4 +99,5 @@ FAMILY = Family(
     is_self_attention=_is_joint,
     stock_processor=lambda name, module: HunyuanVideoAttnProcessor2_0() if _is_joint(name, module) else AttnProcessor2_0(),
     call_info=_call_info,
+    block_lists=("transformer_blocks", "single_transformer_blocks"),
 )

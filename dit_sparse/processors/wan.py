@@ -68,4 +68,5 @@ FAMILY = Family(
     is_self_attention=lambda name, module: name.endswith(".attn1"),
     stock_processor=lambda name, module: WanAttnProcessor(),
     call_info=_call_info,
+    block_lists=("blocks",),
 )
