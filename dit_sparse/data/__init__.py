@@ -1,0 +1,31 @@
+"""Video data sets of dit-sparse (``dit_sparse.data``).
+
+* :class:`ProceduralVideoDataset` - seeded procedural videos (coloured shapes that move, bounce, grow,
+  shrink or change colour) with prompts; trains the embedded default model. :func:`render_videos`
+  renders batches of :class:`VideoSpec` on any device.
+* :class:`VideoFolderDataset` - a folder of mp4 clips with captions, for fine-tuning.
+* :data:`VOCABULARY` - every word a procedural prompt can hold; :func:`parse_prompt` reads one back.
+
+Videos come as ``[F, H, W, 3]`` (uint8 from the data sets, float [0, 1] from :func:`render_videos`);
+:func:`video_to_model_input` makes the ``[N, 3, F, H, W]`` in [-1, 1] that diffusers VAEs take.
+"""
+
+from .procedural import ProceduralVideoDataset, VideoSpec, render_videos, sample_spec
+from .tensors import model_input_to_video, video_to_model_input
+from .video_folder import VideoFolderDataset, read_video
+from .vocabulary import VOCABULARY, PromptAttributes, compose_prompt, parse_prompt
+
+__all__ = [
+    "VOCABULARY",
+    "ProceduralVideoDataset",
+    "PromptAttributes",
+    "VideoFolderDataset",
+    "VideoSpec",
+    "compose_prompt",
+    "model_input_to_video",
+    "parse_prompt",
+    "read_video",
+    "render_videos",
+    "sample_spec",
+    "video_to_model_input",
+]

@@ -1,0 +1,610 @@
+"""Train the embedded default text-to-video model (a tiny Wan) on the procedural video set.
+
+Two phases, each with a wall-clock budget, on one GPU (bf16 autocast):
+
+1. VAE (``--vae-minutes``): ``AutoencoderKLWan`` as an autoencoder (L1 + MSE + a small KL) on short
+   random crops of procedural videos rendered on the GPU; then the per-channel latent mean / std of
+   full-size videos go into the VAE config (``latents_mean`` / ``latents_std``, as WanPipeline expects).
+2. Transformer (``--dit-minutes``): ``WanTransformer3DModel`` + the tiny ``UMT5EncoderModel`` with Wan's
+   flow-matching loss: ``x_t = (1 - s) x0 + s noise``, target ``noise - x0``, ``s = shift u / (1 + (shift
+   - 1) u)`` with ``u ~ U(0, 1)``, timestep ``1000 s``; the empty prompt replaces 10 % of the prompts
+   (classifier-free guidance). Latents come from a bank on the GPU that the frozen VAE keeps refreshing
+   with newly rendered videos, so encoding costs a fraction of each step. EMA weights are saved.
+
+It writes the diffusers folder (``--out``; fp16 weights, about 21 MB, 14 files) with ``README.md`` (data,
+steps, losses, time, GPU, date) and ``train_log.csv``, then reloads it and writes four sample files to
+``--samples-dir``: ``samples.mp4`` (all sample prompts tiled), ``samples_grid.png``, ``prompts.txt`` and
+``vae_reconstruction_grid.png``. ``--archive FILE`` also packs the folder as a tar split into 15 MiB parts
+``FILE.00``, ``FILE.01`` (for machines that hand back few, small files). ``--smoke`` runs a few tiny steps
+on the CPU to check the whole path.
+
+    python scripts/train_default_model.py                      # -> pipelines/default_model, out/default_model_samples
+    python scripts/train_default_model.py --out /tmp/model --samples-dir $OUT/samples --archive $OUT/default_model.tar
+    python scripts/train_default_model.py --smoke --out /tmp/default_model --samples-dir /tmp/samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import json
+import math
+import pathlib
+import platform
+import random
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _use_checkout_if_not_installed() -> None:
+    """Run from a source checkout that is not pip-installed (a bare GPU machine, say): put the checkout on
+    the path and map ``dit_sparse.pipelines`` / ``dit_sparse.kernels`` to their folders, as
+    pyproject.toml's package-dir does for an install."""
+    try:
+        import dit_sparse.pipelines  # noqa: F401
+    except ImportError:
+        root = pathlib.Path(__file__).resolve().parents[1]
+        sys.path.insert(0, str(root))
+        import dit_sparse
+
+        dit_sparse.__path__.append(str(root))
+
+
+_use_checkout_if_not_installed()
+
+from dit_sparse.data import render_videos, sample_spec, video_to_model_input  # noqa: E402
+from dit_sparse.pipelines.default_model import (  # noqa: E402
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_HEIGHT,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_WIDTH,
+    MAX_SEQUENCE_LENGTH,
+    SCHEDULER_CONFIG,
+    build_default_components,
+    save_default_model,
+)
+
+SAMPLE_PROMPTS = (
+    "a red circle moving left on a blue background",
+    "a yellow square moving right on a checkered purple background",
+    "a white triangle bouncing on a black background",
+    "a green ring growing on a striped orange background",
+    "a blue diamond turning red on a white background",
+    "an orange circle moving down on a dotted green background",
+)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    # VAE phase
+    vae_minutes: float = 2.0
+    vae_max_steps: int = 1_000_000
+    vae_batch: int = 16
+    vae_frames: int = 9
+    vae_crop: int = 128
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    stats_videos: int = 64
+    # transformer phase
+    dit_minutes: float = 4.5
+    dit_max_steps: int = 1_000_000
+    dit_batch: int = 64
+    dit_lr: float = 3e-4
+    cfg_dropout: float = 0.1
+    flow_shift: float = SCHEDULER_CONFIG["flow_shift"]
+    ema_decay: float = 0.999
+    bank_size: int = 3072
+    bank_refresh: int = 32  # videos rendered + encoded per refresh
+    bank_refresh_every: int = 2  # steps between refreshes
+    encode_batch: int = 32
+    # both
+    frames: int = DEFAULT_FRAMES
+    height: int = DEFAULT_HEIGHT
+    width: int = DEFAULT_WIDTH
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    # samples
+    sample_prompts: int = len(SAMPLE_PROMPTS)
+    sample_steps: int = DEFAULT_NUM_INFERENCE_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+
+
+def smoke_config(seed: int) -> TrainConfig:
+    """A handful of tiny steps: checks every code path on a CPU in seconds."""
+    return TrainConfig(
+        seed=seed, vae_minutes=1.0, vae_max_steps=2, vae_batch=1, vae_frames=5, vae_crop=32, stats_videos=2,
+        dit_minutes=1.0, dit_max_steps=2, dit_batch=2, bank_size=4, bank_refresh=2, bank_refresh_every=1,
+        encode_batch=2, frames=9, height=64, width=64, warmup_steps=1, sample_prompts=1, sample_steps=2,
+    )
+
+
+class TrainLog:
+    """Per-step rows (phase, step, elapsed_s, loss, lr, note) for ``train_log.csv``, echoed to stdout.
+
+    Losses arrive as GPU tensors and are read back every ``every`` steps, so logging does not make the
+    host wait for the GPU at each step.
+    """
+
+    FIELDS = ("phase", "step", "elapsed_s", "loss", "lr", "note")
+
+    def __init__(self, every: int):
+        self.rows, self.pending, self.every, self.start = [], [], every, time.time()
+
+    def add(self, phase: str, step: int, loss: torch.Tensor, lr: float, **extra: torch.Tensor) -> None:
+        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in extra.values())])
+        self.pending.append((phase, step, round(time.time() - self.start, 1), lr, list(extra), values))
+        if (step + 1) % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([p[-1] for p in self.pending]).cpu().tolist()  # one device sync
+        for (phase, step, elapsed, lr, names, _), vals in zip(self.pending, values):
+            note = " ".join(f"{n} {v:.4f}" for n, v in zip(names, vals[1:]))
+            self.rows.append(dict(phase=phase, step=step, elapsed_s=elapsed, loss=vals[0], lr=lr, note=note))
+        row = self.rows[-1]
+        print(f"[{row['elapsed_s']:7.1f}s] {row['phase']} step {row['step']:6d} loss {row['loss']:.5f} "
+              f"lr {row['lr']:.2e} {row['note']}", flush=True)
+        self.pending = []
+
+    def csv_text(self) -> str:
+        self.flush()
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=self.FIELDS)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        return out.getvalue()
+
+    def final_loss(self, phase: str, last: int = 50) -> float:
+        self.flush()
+        losses = [r["loss"] for r in self.rows if r["phase"] == phase]
+        return float(np.mean(losses[-last:])) if losses else float("nan")
+
+
+def lr_factor(step: int, elapsed_fraction: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine over the time budget down to 10 %."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed_fraction)))
+    return warm * cosine
+
+
+class SpecStream:
+    """Consecutive procedural specs of one seed: ``next(n)`` gives the next ``n``."""
+
+    def __init__(self, seed: int):
+        self.seed, self.index = seed, 0
+
+    def next(self, n: int):
+        specs = [sample_spec(self.seed, self.index + i) for i in range(n)]
+        self.index += n
+        return specs
+
+
+def render_batch(stream: SpecStream, n: int, frames: int, height: int, width: int, device) -> tuple[torch.Tensor, list]:
+    """``n`` new videos as ``[n, 3, F, H, W]`` in [-1, 1] on ``device``, and their prompts."""
+    specs = stream.next(n)
+    videos = render_videos(specs, frames, height, width, device=device)
+    return video_to_model_input(videos), [s.prompt for s in specs]
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+# ----------------------------------------------------------------------------------------------- VAE phase
+
+
+def train_vae(vae, cfg: TrainConfig, device, amp: bool, log: TrainLog) -> dict:
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    stream = SpecStream(cfg.seed * 2 + 0)
+    budget, start, step, batch = cfg.vae_minutes * 60, time.time(), 0, cfg.vae_batch
+    # Scenes rendered at a random size from the crop size up to the full size, then cropped: small renders
+    # keep the shape inside the crop, large ones show it at the scale the model generates.
+    largest = max(cfg.vae_crop, min(cfg.height, cfg.width))
+    while step < cfg.vae_max_steps and time.time() - start < budget:
+        lr = cfg.vae_lr * lr_factor(step, (time.time() - start) / budget, cfg.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        try:
+            render = random.randint(cfg.vae_crop, largest)
+            x, _ = render_batch(stream, batch, cfg.vae_frames, render, render, device)
+            top, left = (random.randint(0, render - cfg.vae_crop) for _ in range(2))
+            x = x[..., top : top + cfg.vae_crop, left : left + cfg.vae_crop]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                posterior = vae.encode(x).latent_dist
+                rec = vae.decode(posterior.sample()).sample
+            rec = rec.float()
+            kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
+            l1, mse = F.l1_loss(rec, x), F.mse_loss(rec, x)
+            loss = l1 + mse + cfg.vae_kl_weight * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+            opt.step()
+        except RuntimeError as err:
+            if not is_oom(err) or batch == 1:
+                raise
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            batch = max(1, batch // 2)
+            print(f"VAE: out of memory, batch size now {batch}", flush=True)
+            continue
+        log.add("vae", step, loss, lr, l1=l1, kl=kl)
+        step += 1
+    log.flush()
+    vae.eval()
+    return dict(steps=step, batch=batch, seconds=round(time.time() - start, 1), videos=stream.index)
+
+
+@torch.no_grad()
+def encode_latents(vae, x: torch.Tensor, amp: bool, batch: int) -> torch.Tensor:
+    """Raw VAE latents (posterior mode) of ``x`` [N, 3, F, H, W], in float32, ``batch`` videos at a time."""
+    out = []
+    for chunk in x.split(batch):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            out.append(vae.encode(chunk).latent_dist.mode().float())
+    return torch.cat(out)
+
+
+def set_latent_stats(vae, cfg: TrainConfig, device, amp: bool) -> None:
+    """Per-channel mean / std of full-size latents into the VAE config (WanPipeline un-normalises with them)."""
+    stream = SpecStream(cfg.seed * 2 + 1)
+    latents = []
+    for start in range(0, cfg.stats_videos, cfg.encode_batch):
+        n = min(cfg.encode_batch, cfg.stats_videos - start)
+        x, _ = render_batch(stream, n, cfg.frames, cfg.height, cfg.width, device)
+        latents.append(encode_latents(vae, x, amp, cfg.encode_batch))
+    z = torch.cat(latents).transpose(0, 1).flatten(1)  # [C, everything else]
+    mean, std = z.mean(dim=1), z.std(dim=1).clamp_min(1e-4)
+    vae.register_to_config(
+        latents_mean=[round(float(v), 6) for v in mean], latents_std=[round(float(v), 6) for v in std]
+    )
+
+
+def normalised_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    c = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean, device=z.device).view(1, c, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=z.device).view(1, c, 1, 1, 1)
+    return (z - mean) / std
+
+
+# ----------------------------------------------------------------------------------------- transformer phase
+
+
+class LatentBank:
+    """A ring buffer of (normalised latent, token ids, attention mask) on the training device."""
+
+    def __init__(self, size: int):
+        self.size, self.filled, self.pos = size, 0, 0
+        self.latents = self.ids = self.mask = None
+
+    def add(self, latents: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        if self.latents is None:
+            shape = (self.size, *latents.shape[1:])
+            self.latents = torch.empty(shape, dtype=torch.bfloat16, device=latents.device)
+            self.ids = torch.empty((self.size, ids.shape[1]), dtype=ids.dtype, device=latents.device)
+            self.mask = torch.empty_like(self.ids)
+        n = latents.shape[0]
+        idx = (self.pos + torch.arange(n, device=latents.device)) % self.size
+        self.latents[idx] = latents.to(torch.bfloat16)
+        self.ids[idx], self.mask[idx] = ids, mask
+        self.pos = (self.pos + n) % self.size
+        self.filled = min(self.size, self.filled + n)
+
+    def sample(self, n: int):
+        idx = torch.randint(0, self.filled, (n,), device=self.latents.device)
+        return self.latents[idx].float(), self.ids[idx], self.mask[idx]
+
+
+def tokenize(tokenizer, prompts, device):
+    t = tokenizer(
+        list(prompts), padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+        add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+    )
+    return t.input_ids.to(device), t.attention_mask.to(device)
+
+
+def text_embeddings(text_encoder, ids, mask):
+    """As WanPipeline does it: the encoder's last hidden state, zero past each prompt's length."""
+    hidden = text_encoder(ids, attention_mask=mask).last_hidden_state
+    return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+
+def refresh_bank(bank, vae, tokenizer, stream, cfg, device, amp, n: int) -> None:
+    x, prompts = render_batch(stream, n, cfg.frames, cfg.height, cfg.width, device)
+    z = normalised_latents(vae, encode_latents(vae, x, amp, cfg.encode_batch))
+    ids, mask = tokenize(tokenizer, prompts, device)
+    bank.add(z, ids, mask)
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay: float) -> None:
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+def train_transformer(components, cfg: TrainConfig, device, amp: bool, log: TrainLog) -> dict:
+    transformer, text_encoder = components["transformer"], components["text_encoder"]
+    vae, tokenizer = components["vae"], components["tokenizer"]
+    transformer.to(device).train()
+    text_encoder.to(device).train()
+    params = [p for m in (transformer, text_encoder) for p in m.parameters()]
+    ema = [p.detach().clone().float() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    stream = SpecStream(cfg.seed * 2 + 2)
+    bank = LatentBank(cfg.bank_size)
+    empty_ids, empty_mask = tokenize(tokenizer, [""], device)
+    start = time.time()
+    while bank.filled < min(cfg.bank_size, 2 * cfg.dit_batch):  # a first fill, then a refresh every few steps
+        refresh_bank(bank, vae, tokenizer, stream, cfg, device, amp, cfg.bank_refresh)
+    print(f"latent bank: {bank.filled} videos encoded in {time.time() - start:.1f}s", flush=True)
+    budget, start, step, batch = cfg.dit_minutes * 60, time.time(), 0, cfg.dit_batch
+    while step < cfg.dit_max_steps and time.time() - start < budget:
+        lr = cfg.dit_lr * lr_factor(step, (time.time() - start) / budget, cfg.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        try:
+            if step % cfg.bank_refresh_every == 0:
+                refresh_bank(bank, vae, tokenizer, stream, cfg, device, amp, cfg.bank_refresh)
+            x0, ids, mask = bank.sample(batch)
+            drop = torch.rand(batch, device=device) < cfg.cfg_dropout
+            ids = torch.where(drop[:, None], empty_ids, ids)
+            mask = torch.where(drop[:, None], empty_mask, mask)
+            u = torch.rand(batch, device=device)
+            sigma = cfg.flow_shift * u / (1 + (cfg.flow_shift - 1) * u)
+            noise = torch.randn_like(x0)
+            s = sigma.view(-1, 1, 1, 1, 1)
+            xt = (1 - s) * x0 + s * noise
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                emb = text_embeddings(text_encoder, ids, mask)
+                pred = transformer(
+                    hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb, return_dict=False
+                )[0]
+            loss = F.mse_loss(pred.float(), noise - x0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+        except RuntimeError as err:
+            if not is_oom(err) or batch == 1:
+                raise
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            batch = max(1, batch // 2)
+            print(f"transformer: out of memory, batch size now {batch}", flush=True)
+            continue
+        ema_update(ema, [p.detach().float() for p in params], min(cfg.ema_decay, (1 + step) / (10 + step)))
+        log.add("transformer", step, loss, lr)
+        step += 1
+    log.flush()
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e.to(p.dtype))
+    transformer.eval()
+    text_encoder.eval()
+    return dict(steps=step, batch=batch, seconds=round(time.time() - start, 1), videos=stream.index)
+
+
+# -------------------------------------------------------------------------------------------- samples
+
+
+def frame_grid(rows, columns: int) -> np.ndarray:
+    """uint8 [R*H, C*W, 3] of ``columns`` evenly spaced frames of each video in ``rows`` ([F, H, W, 3] uint8)."""
+    out = []
+    for video in rows:
+        idx = np.linspace(0, len(video) - 1, columns).round().astype(int)
+        out.append(np.concatenate([video[i] for i in idx], axis=1))
+    return np.concatenate(out, axis=0)
+
+
+def tile_videos(videos, columns: int) -> np.ndarray:
+    """Equal-sized uint8 videos [F, H, W, 3] side by side, ``columns`` per row (black tiles fill the last row)."""
+    rows = -(-len(videos) // columns)
+    blank = np.zeros_like(videos[0])
+    tiles = list(videos) + [blank] * (rows * columns - len(videos))
+    return np.concatenate(
+        [np.concatenate(tiles[r * columns : (r + 1) * columns], axis=2) for r in range(rows)], axis=1
+    )
+
+
+def _to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """[3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3]."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+
+def save_png(array: np.ndarray, path: pathlib.Path) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.partial")
+    Image.fromarray(array).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def write_samples(model_dir: pathlib.Path, samples_dir: pathlib.Path, cfg: TrainConfig, device) -> list:
+    """Reload the saved folder, generate a video per sample prompt; write them tiled into one
+    ``samples.mp4``, a PNG grid of their frames, the prompts, and a PNG of VAE reconstructions (four files)."""
+    from diffusers import WanPipeline
+
+    from dit_sparse.pipelines._dtype import dtype_kwargs
+    from dit_sparse.pipelines.video import write_video
+
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    pipe = WanPipeline.from_pretrained(str(model_dir), local_files_only=True, **dtype_kwargs(torch.float32)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = list(SAMPLE_PROMPTS[: cfg.sample_prompts])
+    videos = []
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator(device="cpu").manual_seed(cfg.seed + i)
+        frames = pipe(
+            prompt, num_frames=cfg.frames, height=cfg.height, width=cfg.width, num_inference_steps=cfg.sample_steps,
+            guidance_scale=cfg.guidance_scale, generator=generator, output_type="np",
+        ).frames[0]
+        videos.append((np.clip(frames, 0, 1) * 255).round().astype(np.uint8))
+    try:
+        write_video(tile_videos(videos, columns=2), samples_dir / "samples.mp4", fps=DEFAULT_FPS)
+    except (ImportError, OSError, RuntimeError) as err:  # no ffmpeg here: the PNG grid still shows them
+        print(f"could not write samples.mp4 ({err}); see samples_grid.png", flush=True)
+    save_png(frame_grid(videos, 5), samples_dir / "samples_grid.png")
+    lines = [f"row {i // 2 + 1}, column {i % 2 + 1} of samples.mp4 / row {i + 1} of samples_grid.png: {p}\n"
+             for i, p in enumerate(prompts)]
+    (samples_dir / "prompts.txt").write_text("".join(lines))
+    # VAE reconstructions: originals on even rows, reconstructions below them.
+    x, _ = render_batch(SpecStream(cfg.seed * 2 + 3), 3, cfg.frames, cfg.height, cfg.width, device)
+    with torch.no_grad():
+        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+    pairs = [v for a, b in zip(x, rec) for v in (_to_uint8_frames(a), _to_uint8_frames(b))]
+    save_png(frame_grid(pairs, 5), samples_dir / "vae_reconstruction_grid.png")
+    return prompts
+
+
+def write_archive(folder: pathlib.Path, archive: pathlib.Path, part_mib: float) -> list:
+    """Tar ``folder`` into parts ``<archive>.00``, ``<archive>.01``, ... of at most ``part_mib`` MiB each (for
+    machines that hand back only a few small files). Reassemble with ``cat <archive>.* | tar -x``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:  # uncompressed: fp16 weights hardly compress
+        tar.add(str(folder), arcname=folder.name)
+    data, size = buffer.getvalue(), max(1, int(part_mib * 2**20))
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i, start in enumerate(range(0, len(data), size)):
+        part = archive.with_name(f"{archive.name}.{i:02d}")
+        tmp = part.with_name(f".{part.name}.partial")
+        tmp.write_bytes(data[start : start + size])
+        tmp.replace(part)
+        parts.append(part)
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def readme_text(cfg, args, vae_stats, dit_stats, log, device, sizes, started) -> str:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})"
+    import diffusers
+    import transformers
+
+    lines = [
+        "# dit-sparse embedded default model",
+        "",
+        "A tiny text-to-video model of Wan architecture (`diffusers.WanPipeline`), trained by",
+        "`scripts/train_default_model.py` on the procedural video set of `dit_sparse.data.procedural`:",
+        "one coloured shape (circle, square, triangle, diamond, ring) moving left / right / up / down,",
+        "bouncing, growing, shrinking or turning another colour, on a plain or striped / checkered / dotted",
+        "background. Prompts read `a red circle moving left on a blue background`.",
+        f"Default size: {DEFAULT_FRAMES} frames of {DEFAULT_HEIGHT}x{DEFAULT_WIDTH} "
+        "(latent 9x32x32, 2304 video tokens).",
+        "",
+        "## Training run",
+        "",
+        f"- date: {started} (UTC)",
+        f"- device: {gpu}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}",
+        f"- command: `{' '.join(args)}`",
+        f"- VAE: {vae_stats['steps']} steps in {vae_stats['seconds']} s, batch {vae_stats['batch']} x "
+        f"{cfg.vae_frames} frames, {cfg.vae_crop}x{cfg.vae_crop} crops, {vae_stats['videos']} videos rendered; "
+        f"final loss (L1 + MSE + KL term, mean of last 50 steps) {log.final_loss('vae'):.5f}",
+        f"- transformer + text encoder: {dit_stats['steps']} steps in {dit_stats['seconds']} s, batch "
+        f"{dit_stats['batch']}, {dit_stats['videos']} videos of {cfg.frames}x{cfg.height}x{cfg.width}; "
+        f"final flow-matching loss (mean of last 50 steps) {log.final_loss('transformer'):.5f}",
+        f"- parameters: {sizes}",
+        "- weights: transformer and VAE stored in fp16 (their float32-kept modules in fp32), text encoder in fp32",
+        "",
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(asdict(cfg), indent=2),
+        "```",
+        "",
+        "`train_log.csv` holds the loss of every step.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    root = pathlib.Path(__file__).resolve().parents[1]
+    p.add_argument("--out", type=pathlib.Path, default=root / "pipelines" / "default_model", help="model folder")
+    p.add_argument("--samples-dir", type=pathlib.Path, default=root / "out" / "default_model_samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-minutes", type=float, default=None)
+    p.add_argument("--dit-minutes", type=float, default=None)
+    p.add_argument("--vae-batch", type=int, default=None)
+    p.add_argument("--dit-batch", type=int, default=None)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="auto: bf16 autocast on cuda only")
+    p.add_argument("--smoke", action="store_true", help="a few tiny steps on the CPU (checks the whole path)")
+    p.add_argument("--no-samples", action="store_true")
+    p.add_argument("--archive", type=pathlib.Path, default=None,
+                   help="also write the model folder as a tar split into ARCHIVE.00, ARCHIVE.01, ...")
+    p.add_argument("--archive-part-mib", type=float, default=15.0, help="largest archive part (MiB)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    t_start = time.time()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    cfg = smoke_config(args.seed) if args.smoke else TrainConfig(seed=args.seed)
+    for name in ("vae_minutes", "dit_minutes", "vae_batch", "dit_batch"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+    amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
+    if args.smoke and device.type == "cpu":
+        torch.set_num_threads(1)  # tiny tensors: more threads only add synchronisation (and fight on busy CPUs)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    print(f"device {device}, bf16 autocast {amp}, config {asdict(cfg)}", flush=True)
+
+    components = build_default_components(seed=cfg.seed)
+    sizes = {
+        k: f"{sum(p.numel() for p in components[k].parameters()) / 1e6:.2f}M"
+        for k in ("transformer", "vae", "text_encoder")
+    }
+    log = TrainLog(every=1 if args.smoke else 50)
+    vae_stats = train_vae(components["vae"], cfg, device, amp, log)
+    components["vae"].requires_grad_(False)
+    set_latent_stats(components["vae"], cfg, device, amp)
+    dit_stats = train_transformer(components, cfg, device, amp, log)
+
+    from diffusers import WanPipeline
+
+    for name in ("transformer", "vae", "text_encoder"):
+        components[name].to("cpu")
+    pipe = WanPipeline(**components)
+    command = ["python", "scripts/train_default_model.py", *argv]
+    readme = readme_text(cfg, command, vae_stats, dit_stats, log, device, sizes, started)
+    out = save_default_model(pipe, args.out, extra_files={"README.md": readme, "train_log.csv": log.csv_text()})
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({total / 1e6:.1f} MB)", flush=True)
+    if args.archive is not None:
+        parts = write_archive(out, args.archive, args.archive_part_mib)
+        print(f"wrote {len(parts)} archive parts {args.archive}.NN; unpack: cat {args.archive}.* | tar -x", flush=True)
+    if not args.no_samples:
+        prompts = write_samples(out, args.samples_dir, cfg, device)
+        print(f"wrote {len(prompts)} sample videos and grids to {args.samples_dir}", flush=True)
+    print(f"total {time.time() - t_start:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

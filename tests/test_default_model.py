@@ -1,0 +1,264 @@
+"""The embedded default model (tiny Wan), the model registry, video writing and the training script, on CPU."""
+
+import importlib.util
+import io
+import json
+import pathlib
+import sys
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from dit_sparse.data import VOCABULARY
+from dit_sparse.pipelines import default_model as dm
+from dit_sparse.pipelines.registry import VideoSize, load_pipeline, valid_video_size
+from dit_sparse.pipelines.video import write_video
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROMPT = "a red circle moving left on a blue background"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: extra threads only add contention on a shared CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = dm.build_default_pipeline(random_init=True, seed=0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def generate(p, seed=0, **kw):
+    args = dict(num_frames=5, height=32, width=32, num_inference_steps=2, guidance_scale=3.0, output_type="np")
+    args.update(kw)
+    return p(PROMPT, generator=torch.Generator().manual_seed(seed), **args).frames[0]
+
+
+def test_default_architecture_is_wan_with_supported_head_dim(pipe):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    assert isinstance(pipe, WanPipeline)
+    assert isinstance(pipe.transformer, WanTransformer3DModel) and isinstance(pipe.vae, AutoencoderKLWan)
+    assert isinstance(pipe.scheduler, UniPCMultistepScheduler)
+    cfg = pipe.transformer.config
+    assert cfg.attention_head_dim in (64, 96, 128) and tuple(cfg.patch_size) == (1, 2, 2)
+    assert cfg.in_channels == pipe.vae.config.z_dim and cfg.text_dim == pipe.text_encoder.config.d_model
+    # 33 x 256 x 256 -> latent 9 x 32 x 32 -> 9 x 16 x 16 = 2304 tokens
+    latent_frames = (dm.DEFAULT_FRAMES - 1) // pipe.vae_scale_factor_temporal + 1
+    tokens = latent_frames * (dm.DEFAULT_HEIGHT // pipe.vae_scale_factor_spatial // 2) ** 2
+    assert (latent_frames, tokens) == (9, 2304)
+
+
+def test_random_pipeline_generates_the_asked_frames(pipe):
+    frames = generate(pipe, num_frames=9, height=48, width=32)
+    assert frames.shape == (9, 48, 32, 3)
+    assert np.isfinite(frames).all() and frames.min() >= 0 and frames.max() <= 1
+    assert np.array_equal(generate(pipe, seed=1), generate(pipe, seed=1))
+    assert not np.array_equal(generate(pipe, seed=1), generate(pipe, seed=2))
+
+
+def test_tokenizer_maps_words_to_distinct_ids(pipe):
+    tok = pipe.tokenizer
+    ids = [tok(w, add_special_tokens=False).input_ids for w in VOCABULARY]
+    assert all(len(i) == 1 for i in ids)
+    flat = [i[0] for i in ids]
+    assert len(set(flat)) == len(VOCABULARY) and tok.unk_token_id not in flat and tok.pad_token_id not in flat
+    enc = tok("A red circle, zebra", add_special_tokens=True).input_ids
+    assert enc[:3] == [flat[VOCABULARY.index(w)] for w in ("a", "red", "circle")]
+    assert enc[3:] == [tok.unk_token_id, tok.unk_token_id, tok.eos_token_id]  # "," and "zebra", then </s>
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)  # T5 conventions, as UMT5 expects
+
+
+def test_save_load_round_trip_is_exact(pipe, tmp_path):
+    from diffusers import WanPipeline
+
+    folder = dm.save_default_model(pipe, tmp_path / "model", weights_dtype=None)
+    loaded = WanPipeline.from_pretrained(str(folder), local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["tokenizer"] == ["transformers", "PreTrainedTokenizerFast"]
+    for name in ("transformer", "vae", "text_encoder"):
+        before, after = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), name
+    # Same weights; MKL's float sums can differ in the last bits for weights at other memory alignments
+    # (the loaded ones are memory-mapped), hence 1e-5 rather than bit equality.
+    np.testing.assert_allclose(generate(pipe), generate(loaded), rtol=0, atol=1e-5)
+
+
+def test_saved_fp16_folder_is_small_atomic_and_close(pipe, tmp_path):
+    from diffusers import WanPipeline
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "stale.txt").write_text("from an older model")
+    dm.save_default_model(pipe, target, extra_files={"README.md": "# trained\n"})
+    assert not (target / "stale.txt").exists() and (target / "README.md").read_text() == "# trained\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or backup folders left
+    total = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    assert total <= 30e6
+    loaded = WanPipeline.from_pretrained(str(target), local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.transformer.dtype == torch.float32  # stored fp16, loaded as float32 by default
+    np.testing.assert_allclose(generate(pipe), generate(loaded), atol=0.05)
+    with pytest.raises(ValueError, match="WanPipeline"):
+        dm.save_default_model(object(), tmp_path / "x")
+    with pytest.raises(ValueError, match="plain file name"):
+        dm.save_default_model(pipe, tmp_path / "x", extra_files={"../evil": ""})
+
+
+def test_build_default_pipeline_loads_shipped_weights_or_warns(pipe, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(dm, "default_model_path", lambda: empty)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        dm.build_default_pipeline()
+
+    shipped = dm.save_default_model(pipe, tmp_path / "shipped", weights_dtype=None)
+    monkeypatch.setattr(dm, "default_model_path", lambda: shipped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded = dm.build_default_pipeline()
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(generate(pipe), generate(loaded), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="torch_dtype"):
+        dm.build_default_pipeline(torch_dtype="float32")
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def test_registry_refuses_what_it_cannot_load(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_pipeline(str(tmp_path / "nothing" / "here"))
+    with pytest.raises(ValueError, match=r"never downloads.*--model /path/to/folder"):
+        load_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    with pytest.raises(ValueError, match="no model_index.json"):
+        load_pipeline(str(tmp_path))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="StableDiffusionPipeline.*WanPipeline"):
+        load_pipeline(str(tmp_path))
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="could not read"):
+        load_pipeline(str(tmp_path))
+    with pytest.raises(ValueError, match="torch_dtype"):
+        load_pipeline("default", torch_dtype="bf16")
+
+
+def test_registry_loads_default_and_local_folders(pipe, tmp_path, monkeypatch):
+    from diffusers import WanPipeline
+
+    folder = dm.save_default_model(pipe, tmp_path / "wan", weights_dtype=None)
+    loaded = load_pipeline(str(folder))
+    assert isinstance(loaded, WanPipeline) and loaded.device.type == "cpu"
+    monkeypatch.setattr(dm, "default_model_path", lambda: folder)
+    default = load_pipeline("default")
+    assert isinstance(default, WanPipeline)
+    assert default.transformer.config.num_layers == dm.TRANSFORMER_CONFIG["num_layers"]
+
+
+def test_valid_video_size_per_family(pipe):
+    assert valid_video_size(pipe, 33, 256, 256) == VideoSize(33, 256, 256)
+    assert valid_video_size(pipe, 30, 250, 270) == (29, 256, 272)
+    assert valid_video_size(pipe, 31, 8, 1) == (33, 16, 16)
+    assert valid_video_size(pipe, 1, 16, 16) == (1, 16, 16)
+
+    class LTXPipeline:
+        vae_temporal_compression_ratio, vae_spatial_compression_ratio, transformer_spatial_patch_size = 8, 32, 1
+
+    class MochiPipeline:
+        vae_temporal_scale_factor, vae_spatial_scale_factor = 6, 8
+
+    assert valid_video_size(LTXPipeline(), 20, 500, 100) == (17, 512, 96)
+    assert valid_video_size(MochiPipeline(), 20, 500, 100) == (19, 496, 96)
+    with pytest.raises(ValueError, match="not a known video pipeline"):
+        valid_video_size(object(), 9, 16, 16)
+    with pytest.raises(ValueError, match="frames"):
+        valid_video_size(pipe, 0, 16, 16)
+
+
+# -------------------------------------------------------------------------------------------------- video
+
+
+def test_write_video_writes_a_readable_mp4(tmp_path):
+    import imageio
+    from PIL import Image
+
+    frames = [np.full((32, 48, 3), 30 * i, dtype=np.uint8) for i in range(6)]
+    frames[1] = Image.fromarray(frames[1])  # PIL frames mix with arrays
+    path = write_video(frames, tmp_path / "v.mp4", fps=8)
+    with imageio.get_reader(str(path), "ffmpeg") as reader:
+        read = [np.asarray(f) for f in reader]
+    assert len(read) == 6 and read[0].shape == (32, 48, 3)
+    assert abs(float(read[4].mean()) - 120) < 4
+    floats = write_video(np.random.rand(3, 16, 16, 3), tmp_path / "f.mp4")  # one [F, H, W, 3] float array
+    assert floats.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.mp4", "v.mp4"]
+
+
+def test_write_video_leaves_nothing_behind_on_failure(tmp_path):
+    target = tmp_path / "out.mp4"
+    target.write_bytes(b"old video")
+
+    def frames():
+        for _ in range(3):
+            yield np.zeros((16, 16, 3), np.uint8)
+        yield np.zeros((8, 8, 3), np.uint8)  # a different size, mid-way through
+
+    with pytest.raises(ValueError, match="frame 3 is 8x8"):
+        write_video(frames(), target)
+    assert target.read_bytes() == b"old video"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+    with pytest.raises(ValueError, match="even"):
+        write_video([np.zeros((15, 16, 3), np.uint8)], tmp_path / "odd.mp4")
+    with pytest.raises(ValueError, match="no frames"):
+        write_video([], tmp_path / "empty.mp4")
+    with pytest.raises(ValueError, match=".mp4"):
+        write_video([np.zeros((16, 16, 3), np.uint8)], tmp_path / "v.gif")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+
+
+# ---------------------------------------------------------------------------------------- training script
+
+
+def test_training_script_smoke_writes_a_loadable_model(tmp_path, monkeypatch):
+    from diffusers import WanPipeline
+
+    # In-process rather than a subprocess: same code path as `python scripts/train_default_model.py --smoke`,
+    # without paying for the diffusers import twice.
+    spec = importlib.util.spec_from_file_location("train_default_model", ROOT / "scripts" / "train_default_model.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # dataclasses look their module up there
+    spec.loader.exec_module(script)
+    out, samples, archive = tmp_path / "model", tmp_path / "samples", tmp_path / "packed" / "model.tar"
+    args = ["--smoke", "--out", str(out), "--samples-dir", str(samples), "--archive", str(archive)]
+    assert script.main([*args, "--archive-part-mib", "8"]) == 0
+
+    loaded = WanPipeline.from_pretrained(str(out), local_files_only=True)
+    assert loaded.transformer.config.num_layers == dm.TRANSFORMER_CONFIG["num_layers"]
+    assert loaded.vae.config.latents_std != [1.0] * dm.Z_DIM  # measured on the data
+    readme = (out / "README.md").read_text()
+    assert "final flow-matching loss" in readme and "date:" in readme
+    log = (out / "train_log.csv").read_text().splitlines()
+    assert log[0] == "phase,step,elapsed_s,loss,lr,note"
+    assert sum(r.startswith("vae,") for r in log) == 2 and sum(r.startswith("transformer,") for r in log) == 2
+    assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) <= 30e6
+    names = {"samples.mp4", "samples_grid.png", "vae_reconstruction_grid.png", "prompts.txt"}
+    assert {p.name for p in samples.iterdir()} == names
+
+    parts = sorted(archive.parent.iterdir())
+    assert [p.name for p in parts] == ["model.tar.00", "model.tar.01", "model.tar.02"]  # ~21 MB in 8 MiB parts
+    assert all(p.stat().st_size <= 8 * 2**20 for p in parts)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    unpacked = tmp_path / "unpacked" / "model"
+    listing = lambda root: sorted(p.relative_to(root) for p in root.rglob("*"))  # noqa: E731
+    assert listing(unpacked) == listing(out)
