@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any, Callable
@@ -49,6 +48,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ._atomic import atomic_file
 from .block_layout import BlockLayout
 
 __all__ = ["CacheKey", "PatternCache", "FORMAT", "FORMAT_VERSION"]
@@ -392,16 +392,8 @@ class PatternCache:
             "config": json.dumps(config),
             "entries": json.dumps(entries),
         }
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_file(path, parents=False) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **overrides) -> "PatternCache":

@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 import torch
 from torch import nn
 
+from ._atomic import atomic_file
 from .block_layout import BlockLayout
 
 __all__ = ["SparseLinearAttention", "save_sla_weights", "load_sla_weights", "SLA_FORMAT"]
@@ -150,18 +150,8 @@ def save_sla_weights(modules: dict[str, SparseLinearAttention], path) -> None:
         configs[name] = module.config()
     metadata = {"format": SLA_FORMAT, "modules": json.dumps(configs)}
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_sla_weights(path, device=None) -> dict[str, SparseLinearAttention]:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import numpy as np
 
+from ._atomic import atomic_file
 from .block_layout import BlockLayout
 
 __all__ = ["render_layout", "render_layout_array"]
@@ -71,14 +71,6 @@ def render_layout(layout: BlockLayout, path, heads=None, batch: int = 0, title: 
     """
     path = os.fspath(path)
     fig = _figure(layout, heads, batch, title, max_cols)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".render_", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, parents=False) as tmp:
+        fig.savefig(tmp, format="png")
     return path

@@ -11,10 +11,11 @@ import datetime as _dt
 import json
 import os
 import platform
-import tempfile
 from typing import Callable, Iterable, Sequence
 
 import torch
+
+from dit_sparse._atomic import atomic_write_text
 
 __all__ = [
     "bench_ms",
@@ -96,24 +97,10 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
-def _atomic_write(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(out_dir: str, stem: str, payload: dict, markdown: str) -> tuple[str, str]:
     """Write ``<out_dir>/<stem>.json`` and ``<out_dir>/<stem>.md`` atomically; returns their paths."""
     json_path = os.path.join(out_dir, f"{stem}.json")
     md_path = os.path.join(out_dir, f"{stem}.md")
-    _atomic_write(json_path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    _atomic_write(md_path, markdown.rstrip() + "\n")
+    atomic_write_text(json_path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(md_path, markdown.rstrip() + "\n")
     return json_path, md_path

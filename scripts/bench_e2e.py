@@ -21,12 +21,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_util import env_info  # noqa: E402
+
+from dit_sparse._atomic import atomic_write_text  # noqa: E402
 
 PRESETS = ("quality", "balanced", "fast", "turbo")
 WAN_13B = dict(
@@ -42,27 +45,13 @@ HUNYUAN = dict(
 )
 
 
-def _write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _versions() -> dict:
+    """Library versions from :func:`_bench_util.env_info`, plus diffusers, in the order e2e.md lists them."""
     import diffusers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
+    env = env_info()
+    return {"python": env["python"], "torch": env["torch"], "diffusers": diffusers.__version__,
+            "cuda": env["cuda"], "cudnn": env["cudnn"], "triton": env["triton"]}
 
 
 def _build(cls, config: dict, seed: int = 0):
@@ -246,8 +235,9 @@ def main(argv=None) -> int:
     if not args.skip_hunyuan:
         report["hunyuan"] = bench_hunyuan(presets)
     report["wall_s"] = time.perf_counter() - t0
-    _write_atomic(os.path.join(args.out, "e2e.json"), json.dumps(report, indent=2) + "\n")
-    _write_atomic(os.path.join(args.out, "e2e.md"), _markdown(report))
+    # Not _bench_util.write_report: it strips the trailing blank line that e2e.md has always ended with.
+    atomic_write_text(os.path.join(args.out, "e2e.json"), json.dumps(report, indent=2) + "\n")
+    atomic_write_text(os.path.join(args.out, "e2e.md"), _markdown(report))
     print(_markdown(report))
     return 0
 

@@ -7,7 +7,7 @@
 * ``trainable``     - full fine-tune or peft LoRA, SLA projections always trained
 * ``checkpoint``    - atomic checkpoints (weights, SLA, optimizer, RNG, loss log) and resume
 * ``loss_log``      - loss CSV and PNG plot
-* ``atomic``        - temp-name-then-rename writes of files and folders
+* ``atomic``        - old import path of :mod:`dit_sparse._atomic` (temp-name-then-rename writes)
 """
 
 from .config import FinetuneConfig, FinetuneResult

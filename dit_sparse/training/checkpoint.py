@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_dir
+from .._atomic import atomic_dir
 from .loss_log import LossLog
 
 __all__ = ["Checkpoint", "save_checkpoint", "latest_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]

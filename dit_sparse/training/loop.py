@@ -11,7 +11,7 @@ import pathlib
 
 import torch
 
-from .atomic import atomic_dir, atomic_file
+from .._atomic import atomic_dir
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import RESUME_KEYS, FinetuneConfig, FinetuneResult
 from .data import EncodedBatches, open_source
@@ -273,8 +273,7 @@ def _title(cfg) -> str:
 def _save_sla(sla: dict, path: pathlib.Path) -> pathlib.Path:
     from ..sla import save_sla_weights
 
-    with atomic_file(path) as tmp:
-        save_sla_weights(sla, tmp)
+    save_sla_weights(sla, path)  # temp name + rename inside
     return path
 
 

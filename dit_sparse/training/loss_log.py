@@ -13,7 +13,7 @@ import math
 import os
 import pathlib
 
-from .atomic import atomic_file
+from .._atomic import atomic_file
 
 __all__ = ["LossLog", "COLUMNS"]
 
