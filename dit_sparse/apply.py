@@ -17,7 +17,9 @@ modules keep theirs), remembers the original processor objects and attaches
 on every transformer block (``dit_sparse/block_hooks.py``); with ``mode="sla"`` every replaced module
 gets a ``SparseLinearAttention`` submodule ``attn.sla`` (``dit_sparse/sla_layers.py``; listed by
 :func:`sla_modules`). Processors that hold weights (IP-adapter) are left as they are and listed in
-``stats()["skipped"]``. Removing restores the original processor objects exactly and removes the
+``stats()["skipped"]``. Under diffusers' context parallelism (``enable_parallelism`` before or after
+applying) the processors get the transformer's parallel config, and configurations the sparse path
+cannot compute exactly raise ``ValueError`` (``dit_sparse/parallel.py``). Removing restores the original processor objects exactly and removes the
 hooks, the SLA modules and the stats method. Applying again first removes the previous application.
 The caller's config is never modified (the application works on a copy).
 """
@@ -30,6 +32,7 @@ import torch
 
 from .config import SparseAttentionConfig
 from .engine import SparseAttentionEngine
+from .parallel import check_application, propagate_parallel_config
 from .sla_layers import sla_modules
 
 __all__ = ["apply_sparse_attention", "remove_sparse_attention", "attach_processor", "sla_modules"]
@@ -132,6 +135,8 @@ def apply_sparse_attention(pipe_or_transformer, config: SparseAttentionConfig | 
         raise ValueError(f"num_steps must be None or an int >= 1, got {num_steps!r}")
     transformers, scheduler = _transformers_and_scheduler(pipe_or_transformer)
     families = [_family_or_raise(t) for t in transformers]
+    for transformer, family in zip(transformers, families):
+        check_application(transformer, family.name, config)  # context parallelism it cannot compute exactly
     engine = SparseAttentionEngine(config.copy(), num_steps=num_steps)
     stored = _stored_sla(engine)
     # Plan everything first: a bad model / config / weights file raises before a processor is replaced.
@@ -153,6 +158,7 @@ def apply_sparse_attention(pipe_or_transformer, config: SparseAttentionConfig | 
             _set_processor(module, proc)
         _install_sla(transformer, engine, sla, prefix)
         _attach(transformer, engine, family, scheduler, originals, blocks)
+        propagate_parallel_config(transformer)
     return transformers[0]
 
 
@@ -235,6 +241,7 @@ def attach_processor(transformer, processor) -> None:
         handlers[id(module)] = sparse if id(module) in replaced else family.stock_processor(name, module)
     processor.set_handlers(handlers)
     _attach(transformer, engine, family, None, {}, blocks)
+    propagate_parallel_config(transformer, handlers.values())
 
 
 def remove_sparse_attention(pipe_or_transformer):
@@ -264,4 +271,5 @@ def remove_sparse_attention(pipe_or_transformer):
         remove_block_hooks(transformer)
         remove_sla_modules(transformer)
         remove_hook(transformer)
+        propagate_parallel_config(transformer)  # restored processors predating enable_parallelism
     return transformers[0]

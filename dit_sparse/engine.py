@@ -114,6 +114,9 @@ class Plan:
     token_layout: TokenLayout
     step: int
     branch: int
+    # Under Ulysses context parallelism (dit_sparse/parallel.py): this rank's head shard
+    # (dit_sparse.parallel.HeadShard); q, k, v then hold its heads only, and its layouts are cached apart.
+    head_shard: object = None
 
 
 class SparseAttentionEngine:
@@ -319,7 +322,10 @@ class SparseAttentionEngine:
         masked = text_valid is not None and tl.text_len > 0
         # A static pattern (no q/k) gives every layer the same layout: build it once for all layers.
         owner = plan.layer.name if pattern.needs_qk else _STATIC_LAYER
-        cache_key = CacheKey(owner, pattern.name, (tl, b if pattern.needs_qk else 1, h), plan.branch)
+        shape = (tl, b if pattern.needs_qk else 1, h)
+        if plan.head_shard is not None:
+            shape += (("head_shard", plan.head_shard.index, plan.head_shard.count),)
+        cache_key = CacheKey(owner, pattern.name, shape, plan.branch)
 
         def build():
             return pattern.build(ctx, qp, kp) if pattern.needs_qk else pattern.build(ctx)

@@ -1,4 +1,9 @@
-"""``dit-sparse generate``: one video from a prompt with a speed preset, plus a JSON report."""
+"""``dit-sparse generate``: one video from a prompt with a speed preset, plus a JSON report.
+
+``--gpus N`` spreads the generation over N processes (one per GPU, NCCL; gloo on CPU) with diffusers'
+Ulysses context parallelism (``dit_sparse/parallel.py``); every rank computes the same video and rank 0
+writes the outputs.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import argparse
 import math
 import time
 
-from .options import add_generation_options, add_preset_option, settings_from_args
+from .errors import FAILURE, CLIError
+from .options import add_generation_options, add_preset_option, positive_int, settings_from_args
 from .outputs import OutputSet, write_json
 from .presets_cmd import measured_speedup
 from .report import clean_for_json
@@ -25,23 +31,69 @@ def add_parser(subparsers) -> None:
     add_preset_option(p)
     p.add_argument("--out", required=True, help="output video (.mp4)")
     p.add_argument("--report", default=None, help="also write a JSON report (settings, timings, stats, versions)")
+    p.add_argument("--gpus", type=positive_int, default=1,
+                   help="spread one generation over this many GPUs with Ulysses context parallelism "
+                        "(one process each; on CPU: processes with gloo). Default 1")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     resolve_preset(args.preset)  # unknown preset: fail before anything loads
+    _declare_outputs(args)[0].check()
+    if getattr(args, "gpus", 1) > 1:
+        return _run_parallel(args, settings)
+    return _run_rank(args, settings)
+
+
+def _declare_outputs(args):
+    """(OutputSet, video path, report path or None)."""
     outputs = OutputSet()
     video_path = outputs.add(args.out, (".mp4",), "--out")
     report_path = outputs.add(args.report, (".json",), "--report") if args.report else None
-    outputs.check()
+    return outputs, video_path, report_path
 
+
+def _run_parallel(args: argparse.Namespace, settings) -> int:
+    """``--gpus N``: N spawned ranks (``dit_sparse.parallel.launch``); a failing rank becomes a CLIError."""
+    import torch
+
+    from dit_sparse import parallel
+
+    if settings.resolved_device().startswith("cuda") and args.gpus > torch.cuda.device_count():
+        raise CLIError(f"--gpus {args.gpus} asked but only {torch.cuda.device_count()} GPUs are visible")
+    if settings.cpu_offload:
+        raise CLIError("--cpu-offload cannot be combined with --gpus; each GPU holds its own copy of the model")
+    try:
+        parallel.launch(_rank_main, args.gpus, args)
+    except Exception as e:  # the rank's traceback text; its last line names the error
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise CLIError(f"--gpus {args.gpus}: {lines[-1] if lines else type(e).__name__}", code=FAILURE) from e
+    return 0
+
+
+def _rank_main(rank: int, world: int, args: argparse.Namespace) -> None:
+    settings = settings_from_args(args)
+    if settings.resolved_device().startswith("cuda"):
+        settings.device = f"cuda:{rank}"
+    if rank != 0:
+        args.no_progress = True
+    _run_rank(args, settings, rank=rank, world=world)
+
+
+def _run_rank(args: argparse.Namespace, settings, rank: int = 0, world: int = 1) -> int:
+    """Load, generate and (rank 0 only) write; ``world > 1``: one rank of a context-parallel run."""
+    outputs, video_path, report_path = _declare_outputs(args)
     with outputs:
         t0 = time.perf_counter()
         pipe = load(settings)
         load_s = time.perf_counter() - t0
         check_video_size(pipe, settings)
+        if world > 1:
+            _enable_parallel(pipe, world)
         result = generate(pipe, settings, args.preset, progress=not args.no_progress)
+        if rank != 0:
+            return 0
 
         from dit_sparse.pipelines.video import write_video
 
@@ -53,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
                 "command": "generate",
                 "preset": args.preset,
                 "settings": settings.to_dict(),
+                "gpus": world,
                 "config": result.config,
                 "output": str(video_path),
                 "timings": {
@@ -67,8 +120,19 @@ def run(args: argparse.Namespace) -> int:
             }))
         outputs.commit()
 
-    print(summary_line(result, video_path, settings.steps))
+    print(summary_line(result, video_path, settings.steps) + (f" ({world} GPUs)" if world > 1 else ""))
     return 0
+
+
+def _enable_parallel(pipe, world: int) -> None:
+    from dit_sparse import parallel
+
+    try:
+        for name in ("transformer", "transformer_2"):
+            if getattr(pipe, name, None) is not None:
+                parallel.enable_ulysses(getattr(pipe, name), world)
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(f"cannot spread this model over {world} GPUs: {' '.join(str(e).split())}") from e
 
 
 def summary_line(result, video_path, steps: int) -> str:

@@ -46,9 +46,17 @@ class Family:
 
 
 class SparseProcessorMixin:
-    """Engine binding shared by the family processors (put it first in the bases)."""
+    """Engine binding shared by the family processors (put it first in the bases).
+
+    Under diffusers' context parallelism (``_parallel_config``, set by ``enable_parallelism``) the
+    processor sees this rank's sequence shard: :meth:`_plan` plans for the full sequence and
+    :meth:`_attend` runs the engine inside diffusers' Ulysses attention (``dit_sparse/parallel.py``).
+    Families that cannot do that exactly (``family_name`` not in ``parallel.ULYSSES_FAMILIES``) and ring
+    attention raise ``ValueError`` at the first call instead.
+    """
 
     engine = None
+    family_name: str = ""
 
     def bind(self, engine) -> "SparseProcessorMixin":
         """Attach the shared engine; returns ``self``."""
@@ -59,7 +67,30 @@ class SparseProcessorMixin:
         engine = self.engine
         if engine is None:
             return None
+        from .. import parallel
+
+        cp = parallel.context_parallel_config(self)
+        if cp is not None:
+            parallel.check_supported(self.family_name, engine.config)
+            call = engine.active_call
+            if call is not None and text_len == 0:
+                f, h, w = call.grid
+                full = parallel.full_sequence_length(video_len, f * h * w, cp)
+                if full is None:
+                    return engine._passthrough("parallel_shard")
+                video_len = full
         return engine.plan(attn, head_dim, video_len, text_len, text_first)
+
+    def _attend(self, plan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``engine.attend`` for q, k, v ``[B, S, H, D]`` (diffusers' layout); returns ``[B, S, H, D]``.
+        Under context parallelism S is this rank's shard and the engine runs per head shard."""
+        parallel_config = getattr(self, "_parallel_config", None)
+        if getattr(parallel_config, "context_parallel_config", None) is not None:
+            from ..parallel import ulysses_attend
+
+            return ulysses_attend(self.engine, plan, query, key, value, parallel_config, **kwargs)
+        out = self.engine.attend(plan, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), **kwargs)
+        return out.transpose(1, 2)
 
 
 _SIGNATURES: dict[type, inspect.Signature] = {}

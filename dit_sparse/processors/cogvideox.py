@@ -20,6 +20,8 @@ __all__ = ["CogVideoXSparseAttnProcessor", "FAMILY"]
 class CogVideoXSparseAttnProcessor(SparseProcessorMixin, CogVideoXAttnProcessor2_0):
     """``CogVideoXAttnProcessor2_0`` with the joint-attention core replaced by the dit-sparse engine."""
 
+    family_name = "cogvideox"
+
     @torch.compiler.disable
     def __call__(
         self,

@@ -21,6 +21,8 @@ __all__ = ["FluxSparseAttnProcessor", "FAMILY"]
 class FluxSparseAttnProcessor(SparseProcessorMixin, FluxAttnProcessor):
     """``FluxAttnProcessor`` with the joint-attention core replaced by the dit-sparse engine."""
 
+    family_name = "flux"
+
     @torch.compiler.disable
     def __call__(
         self,

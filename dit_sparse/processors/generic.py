@@ -33,6 +33,9 @@ class SparseAttnProcessor:
         config: :class:`SparseAttentionConfig`; ``None`` = the default config. It is copied.
     """
 
+    # Set by diffusers' enable_parallelism; passed on to the per-module processors at each call.
+    _parallel_config = None
+
     def __init__(self, config: SparseAttentionConfig | None = None):
         from ..engine import SparseAttentionEngine
 
@@ -70,6 +73,8 @@ class SparseAttnProcessor:
                     f"SparseAttnProcessor got a call from a {type(attn).__name__} it cannot place in a supported "
                     f"transformer; use apply_sparse_attention(transformer, config) instead of set_attn_processor"
                 )
+        if self._parallel_config is not None and hasattr(handler, "_parallel_config"):
+            handler._parallel_config = self._parallel_config
         rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
         return handler(attn, hidden_states, encoder_hidden_states, attention_mask, rotary)
 

@@ -27,6 +27,8 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 class HunyuanVideoSparseAttnProcessor(SparseProcessorMixin, HunyuanVideoAttnProcessor2_0):
     """``HunyuanVideoAttnProcessor2_0`` with the joint-attention core replaced by the dit-sparse engine."""
 
+    family_name = "hunyuan_video"
+
     @torch.compiler.disable
     def __call__(
         self,

@@ -20,6 +20,8 @@ __all__ = ["LTXSparseAttnProcessor", "FAMILY"]
 class LTXSparseAttnProcessor(SparseProcessorMixin, LTXVideoAttnProcessor):
     """``LTXVideoAttnProcessor`` with the self-attention core replaced by the dit-sparse engine."""
 
+    family_name = "ltx"
+
     @torch.compiler.disable
     def __call__(
         self,
@@ -45,8 +47,7 @@ class LTXSparseAttnProcessor(SparseProcessorMixin, LTXVideoAttnProcessor):
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
 
-        out = self.engine.attend(plan, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        out = self._attend(plan, query, key, value).flatten(2, 3).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
 

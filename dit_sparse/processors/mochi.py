@@ -28,6 +28,8 @@ def _rotate_pairs(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Ten
 class MochiSparseAttnProcessor(SparseProcessorMixin, MochiAttnProcessor2_0):
     """``MochiAttnProcessor2_0`` with the joint-attention core replaced by the dit-sparse engine."""
 
+    family_name = "mochi"
+
     @torch.compiler.disable
     def __call__(
         self,

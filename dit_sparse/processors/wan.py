@@ -27,6 +27,8 @@ def _rotate_pairs(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Ten
 class WanSparseAttnProcessor(SparseProcessorMixin, WanAttnProcessor):
     """``WanAttnProcessor`` with the self-attention core replaced by the dit-sparse engine."""
 
+    family_name = "wan"
+
     @torch.compiler.disable
     def __call__(
         self,
@@ -50,8 +52,7 @@ class WanSparseAttnProcessor(SparseProcessorMixin, WanAttnProcessor):
             query = _rotate_pairs(query, *rotary_emb)
             key = _rotate_pairs(key, *rotary_emb)
 
-        out = self.engine.attend(plan, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        out = self._attend(plan, query, key, value).flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
