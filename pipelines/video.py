@@ -6,11 +6,11 @@ when complete, so a failed or interrupted write never leaves a partial file (nor
 
 from __future__ import annotations
 
-import os
 import pathlib
-import uuid
 
 import numpy as np
+
+from dit_sparse._atomic import atomic_file
 
 __all__ = ["write_video"]
 
@@ -51,9 +51,8 @@ def write_video(frames, path, fps: int = 16) -> pathlib.Path:
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     if not path.parent.is_dir():
         raise ValueError(f"folder {path.parent} does not exist; create it first")
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial.mp4")
     count, size = 0, None
-    try:
+    with atomic_file(path, parents=False) as tmp:
         writer = imageio.get_writer(
             str(tmp), format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
             macro_block_size=1, ffmpeg_log_level="error",
@@ -73,8 +72,4 @@ def write_video(frames, path, fps: int = 16) -> pathlib.Path:
             writer.close()
         if count == 0:
             raise ValueError("no frames to write")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
