@@ -2,14 +2,23 @@
 
 Two phases, each with a wall-clock budget, on one GPU (bf16 autocast):
 
-1. VAE (``--vae-minutes``): ``AutoencoderKLWan`` as an autoencoder (L1 + MSE + a small KL) on short
-   random crops of procedural videos rendered on the GPU; then the per-channel latent mean / std of
-   full-size videos go into the VAE config (``latents_mean`` / ``latents_std``, as WanPipeline expects).
+1. VAE (``--vae-minutes``): ``AutoencoderKLWan`` as an autoencoder (L1 + MSE + a small KL) on random
+   crops of procedural videos rendered on the GPU. Most steps take FULL-length clips (33 frames) at small
+   crops: the Wan VAE encodes 4 frames and decodes 1 latent frame at a time, carrying a causal feature
+   cache from chunk to chunk, so clips shorter than the generated videos never train the later chunks
+   (their frames wash out). Every few steps a short clip at a larger crop adds spatial context. The loss
+   is taken on the decoder's output before ``decode`` clamps it to [-1, 1] (the clamp has no gradient
+   outside that range, so a saturated frame could never recover). Then the per-channel latent mean / std
+   of full-size videos go into the VAE config (``latents_mean`` / ``latents_std``, as WanPipeline expects).
 2. Transformer (``--dit-minutes``): ``WanTransformer3DModel`` + the tiny ``UMT5EncoderModel`` with Wan's
    flow-matching loss: ``x_t = (1 - s) x0 + s noise``, target ``noise - x0``, ``s = shift u / (1 + (shift
    - 1) u)`` with ``u ~ U(0, 1)``, timestep ``1000 s``; the empty prompt replaces 10 % of the prompts
    (classifier-free guidance). Latents come from a bank on the GPU that the frozen VAE keeps refreshing
    with newly rendered videos, so encoding costs a fraction of each step. EMA weights are saved.
+
+Both phases warm the learning rate up linearly (over a number of steps, but never past a tenth of the
+phase's time budget), then follow a cosine over the time budget down to 10 %. The defaults fit one
+9-minute GPU call (about 8 minutes of training plus setup, saving and samples); the log prints an ETA.
 
 It writes the diffusers folder (``--out``; fp16 weights, about 21 MB, 14 files) with ``README.md`` (data,
 steps, losses, time, GPU, date) and ``train_log.csv``, then reloads it and writes four sample files to
@@ -88,31 +97,36 @@ SAMPLE_PROMPTS = (
 class TrainConfig:
     seed: int = 0
     # VAE phase
-    vae_minutes: float = 2.0
+    vae_minutes: float = 2.75
     vae_max_steps: int = 1_000_000
     vae_batch: int = 16
-    vae_frames: int = 9
-    vae_crop: int = 128
+    vae_frames: int = DEFAULT_FRAMES  # full-length clips: every latent chunk of the causal cache is trained
+    vae_crop: int = 64
+    vae_short_every: int = 4  # every n-th step a short clip at a larger crop (spatial context); 0: never
+    vae_short_frames: int = 9
+    vae_short_crop: int = 128
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    vae_warmup_steps: int = 40
     stats_videos: int = 64
     # transformer phase
-    dit_minutes: float = 4.5
+    dit_minutes: float = 5.25
     dit_max_steps: int = 1_000_000
-    dit_batch: int = 64
-    dit_lr: float = 3e-4
+    dit_batch: int = 32  # ~2x the steps of batch 64 in the same time; a 7M model needs steps more than batch
+    dit_lr: float = 6e-4
+    dit_warmup_steps: int = 100
     cfg_dropout: float = 0.1
     flow_shift: float = SCHEDULER_CONFIG["flow_shift"]
     ema_decay: float = 0.999
     bank_size: int = 3072
-    bank_refresh: int = 32  # videos rendered + encoded per refresh
+    bank_refresh: int = 16  # videos rendered + encoded per refresh
     bank_refresh_every: int = 2  # steps between refreshes
     encode_batch: int = 32
     # both
     frames: int = DEFAULT_FRAMES
     height: int = DEFAULT_HEIGHT
     width: int = DEFAULT_WIDTH
-    warmup_steps: int = 200
+    warmup_fraction: float = 0.1  # warm-up ends by this fraction of a phase's budget at the latest
     grad_clip: float = 1.0
     # samples
     sample_prompts: int = len(SAMPLE_PROMPTS)
@@ -123,10 +137,32 @@ class TrainConfig:
 def smoke_config(seed: int) -> TrainConfig:
     """A handful of tiny steps: checks every code path on a CPU in seconds."""
     return TrainConfig(
-        seed=seed, vae_minutes=1.0, vae_max_steps=2, vae_batch=1, vae_frames=5, vae_crop=32, stats_videos=2,
-        dit_minutes=1.0, dit_max_steps=2, dit_batch=2, bank_size=4, bank_refresh=2, bank_refresh_every=1,
-        encode_batch=2, frames=9, height=64, width=64, warmup_steps=1, sample_prompts=1, sample_steps=2,
+        seed=seed, vae_minutes=1.0, vae_max_steps=2, vae_batch=1, vae_frames=9, vae_crop=16, vae_short_every=2,
+        vae_short_frames=5, vae_short_crop=32, vae_warmup_steps=1, stats_videos=2, dit_minutes=1.0,
+        dit_max_steps=2, dit_batch=2, dit_warmup_steps=1, bank_size=4, bank_refresh=2, bank_refresh_every=1,
+        encode_batch=2, frames=9, height=64, width=64, sample_prompts=1, sample_steps=2,
     )
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ValueError for settings the Wan VAE or the loops cannot use."""
+    for name in ("vae_frames", "vae_short_frames", "frames"):
+        f = getattr(cfg, name)
+        if f < 1 or (f - 1) % 4:
+            raise ValueError(f"{name}={f}: the Wan VAE takes 4k + 1 frames (1, 5, 9, ..., 33); pick one of those")
+    for name in ("vae_crop", "vae_short_crop", "height", "width"):
+        v = getattr(cfg, name)
+        if v < 8 or v % 8:
+            raise ValueError(f"{name}={v}: must be a positive multiple of 8 (the VAE's spatial compression)")
+    for name in ("vae_batch", "dit_batch", "bank_size", "bank_refresh", "bank_refresh_every", "encode_batch"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.vae_short_every < 0:
+        raise ValueError(f"vae_short_every must be >= 0 (0: never), got {cfg.vae_short_every}")
+    if cfg.vae_minutes <= 0 or cfg.dit_minutes <= 0:
+        raise ValueError(f"--vae-minutes and --dit-minutes must be positive, got {cfg.vae_minutes}, {cfg.dit_minutes}")
+    if not 0 < cfg.warmup_fraction <= 1:
+        raise ValueError(f"warmup_fraction must be in (0, 1], got {cfg.warmup_fraction}")
 
 
 class TrainLog:
@@ -140,6 +176,18 @@ class TrainLog:
 
     def __init__(self, every: int):
         self.rows, self.pending, self.every, self.start = [], [], every, time.time()
+        self.phase_end, self.budget_after = None, 0.0
+
+    def plan(self, budget_s: float, budget_after_s: float) -> None:
+        """The phase starting now ends within ``budget_s`` seconds; the training phases after it have
+        ``budget_after_s`` seconds together (for the ETA in the printed lines)."""
+        self.phase_end, self.budget_after = time.time() + budget_s, budget_after_s
+
+    def eta_text(self) -> str:
+        if self.phase_end is None:
+            return ""
+        left = max(0.0, self.phase_end - time.time())
+        return f" | phase ends in {left:.0f}s, training ends in {left + self.budget_after:.0f}s (then save + samples)"
 
     def add(self, phase: str, step: int, loss: torch.Tensor, lr: float, **extra: torch.Tensor) -> None:
         values = torch.stack([loss.detach().float(), *(v.detach().float() for v in extra.values())])
@@ -156,7 +204,7 @@ class TrainLog:
             self.rows.append(dict(phase=phase, step=step, elapsed_s=elapsed, loss=vals[0], lr=lr, note=note))
         row = self.rows[-1]
         print(f"[{row['elapsed_s']:7.1f}s] {row['phase']} step {row['step']:6d} loss {row['loss']:.5f} "
-              f"lr {row['lr']:.2e} {row['note']}", flush=True)
+              f"lr {row['lr']:.2e} {row['note']}{self.eta_text()}", flush=True)
         self.pending = []
 
     def csv_text(self) -> str:
@@ -173,9 +221,11 @@ class TrainLog:
         return float(np.mean(losses[-last:])) if losses else float("nan")
 
 
-def lr_factor(step: int, elapsed_fraction: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine over the time budget down to 10 %."""
-    warm = min(1.0, (step + 1) / max(1, warmup))
+def lr_factor(step: int, elapsed_fraction: float, warmup: int, warmup_fraction: float = 0.1) -> float:
+    """Linear warm-up over ``warmup`` steps - cut short to end by ``warmup_fraction`` of the time budget
+    when steps are slow (a short run must not spend itself warming up) - then a cosine over the time
+    budget (``elapsed_fraction`` in [0, 1]) down to 10 %."""
+    warm = min(1.0, max((step + 1) / max(1, warmup), elapsed_fraction / warmup_fraction))
     cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed_fraction)))
     return warm * cosine
 
@@ -206,26 +256,55 @@ def is_oom(err: BaseException) -> bool:
 # ----------------------------------------------------------------------------------------------- VAE phase
 
 
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """``vae.decode(z)`` [N, 3, F, H, W] before its final clamp to [-1, 1].
+
+    ``AutoencoderKLWan.decode`` runs its decoder once per latent frame (with the causal feature cache) and
+    clamps the concatenated frames; the clamp has zero gradient outside [-1, 1], so a loss on its output
+    cannot pull back a frame that has saturated (e.g. washed out to white). A forward hook collects the
+    decoder's per-frame outputs instead; clamping them gives ``vae.decode(z).sample`` exactly.
+    """
+    if getattr(vae.config, "patch_size", None) is not None or getattr(vae, "use_tiling", False):
+        raise ValueError("decode_unclamped needs a Wan VAE without patch_size and with tiling off "
+                         "(call vae.disable_tiling()); the default model's VAE has neither")
+    chunks = []
+    handle = vae.decoder.register_forward_hook(lambda module, args, out: chunks.append(out))
+    try:
+        vae.decode(z)
+    finally:
+        handle.remove()
+    return torch.cat(chunks, dim=2)
+
+
+def vae_clip_shape(step: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(frames, crop) of the VAE clips at ``step``: full-length small crops, every ``vae_short_every``-th
+    step a short clip at a larger crop."""
+    if cfg.vae_short_every and step % cfg.vae_short_every == cfg.vae_short_every - 1:
+        return cfg.vae_short_frames, cfg.vae_short_crop
+    return cfg.vae_frames, cfg.vae_crop
+
+
 def train_vae(vae, cfg: TrainConfig, device, amp: bool, log: TrainLog) -> dict:
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     stream = SpecStream(cfg.seed * 2 + 0)
     budget, start, step, batch = cfg.vae_minutes * 60, time.time(), 0, cfg.vae_batch
-    # Scenes rendered at a random size from the crop size up to the full size, then cropped: small renders
-    # keep the shape inside the crop, large ones show it at the scale the model generates.
-    largest = max(cfg.vae_crop, min(cfg.height, cfg.width))
+    log.plan(budget, cfg.dit_minutes * 60)
     while step < cfg.vae_max_steps and time.time() - start < budget:
-        lr = cfg.vae_lr * lr_factor(step, (time.time() - start) / budget, cfg.warmup_steps)
+        lr = cfg.vae_lr * lr_factor(step, (time.time() - start) / budget, cfg.vae_warmup_steps, cfg.warmup_fraction)
         for group in opt.param_groups:
             group["lr"] = lr
         try:
-            render = random.randint(cfg.vae_crop, largest)
-            x, _ = render_batch(stream, batch, cfg.vae_frames, render, render, device)
-            top, left = (random.randint(0, render - cfg.vae_crop) for _ in range(2))
-            x = x[..., top : top + cfg.vae_crop, left : left + cfg.vae_crop]
+            frames, crop = vae_clip_shape(step, cfg)
+            # Scenes rendered at a random size from the crop size up to the full size, then cropped: small
+            # renders keep the shape inside the crop, large ones show it at the scale the model generates.
+            render = random.randint(crop, max(crop, min(cfg.height, cfg.width)))
+            x, _ = render_batch(stream, batch, frames, render, render, device)
+            top, left = (random.randint(0, render - crop) for _ in range(2))
+            x = x[..., top : top + crop, left : left + crop]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 posterior = vae.encode(x).latent_dist
-                rec = vae.decode(posterior.sample()).sample
+                rec = decode_unclamped(vae, posterior.sample())
             rec = rec.float()
             kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
             l1, mse = F.l1_loss(rec, x), F.mse_loss(rec, x)
@@ -351,8 +430,9 @@ def train_transformer(components, cfg: TrainConfig, device, amp: bool, log: Trai
         refresh_bank(bank, vae, tokenizer, stream, cfg, device, amp, cfg.bank_refresh)
     print(f"latent bank: {bank.filled} videos encoded in {time.time() - start:.1f}s", flush=True)
     budget, start, step, batch = cfg.dit_minutes * 60, time.time(), 0, cfg.dit_batch
+    log.plan(budget, 0.0)
     while step < cfg.dit_max_steps and time.time() - start < budget:
-        lr = cfg.dit_lr * lr_factor(step, (time.time() - start) / budget, cfg.warmup_steps)
+        lr = cfg.dit_lr * lr_factor(step, (time.time() - start) / budget, cfg.dit_warmup_steps, cfg.warmup_fraction)
         for group in opt.param_groups:
             group["lr"] = lr
         try:
@@ -513,7 +593,10 @@ def readme_text(cfg, args, vae_stats, dit_stats, log, device, sizes, started) ->
         f"transformers {transformers.__version__}",
         f"- command: `{' '.join(args)}`",
         f"- VAE: {vae_stats['steps']} steps in {vae_stats['seconds']} s, batch {vae_stats['batch']} x "
-        f"{cfg.vae_frames} frames, {cfg.vae_crop}x{cfg.vae_crop} crops, {vae_stats['videos']} videos rendered; "
+        f"{cfg.vae_frames} frames at {cfg.vae_crop}x{cfg.vae_crop} crops"
+        + (f" (one step in {cfg.vae_short_every}: {cfg.vae_short_frames} frames at "
+           f"{cfg.vae_short_crop}x{cfg.vae_short_crop})" if cfg.vae_short_every else "")
+        + f", {vae_stats['videos']} videos rendered; "
         f"final loss (L1 + MSE + KL term, mean of last 50 steps) {log.final_loss('vae'):.5f}",
         f"- transformer + text encoder: {dit_stats['steps']} steps in {dit_stats['seconds']} s, batch "
         f"{dit_stats['batch']}, {dit_stats['videos']} videos of {cfg.frames}x{cfg.height}x{cfg.width}; "
@@ -561,6 +644,7 @@ def main(argv=None) -> int:
     for name in ("vae_minutes", "dit_minutes", "vae_batch", "dit_batch"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    check_config(cfg)
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     if args.smoke and device.type == "cpu":

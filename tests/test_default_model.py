@@ -262,3 +262,65 @@ def test_training_script_smoke_writes_a_loadable_model(tmp_path, monkeypatch):
     unpacked = tmp_path / "unpacked" / "model"
     listing = lambda root: sorted(p.relative_to(root) for p in root.rglob("*"))  # noqa: E731
     assert listing(unpacked) == listing(out)
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    spec = importlib.util.spec_from_file_location("train_default_model", ROOT / "scripts" / "train_default_model.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(script)
+        yield script
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_vae_loss_sees_the_decoder_output_before_the_clamp(train_script, pipe):
+    vae = pipe.vae
+    torch.manual_seed(0)
+    z = (3 * torch.randn(1, dm.Z_DIM, 3, 2, 2)).requires_grad_(True)  # 3 latent frames -> 9 video frames
+    raw = train_script.decode_unclamped(vae, z)
+    with torch.no_grad():
+        clamped = vae.decode(z).sample
+    assert raw.shape == clamped.shape == (1, 3, 9, 16, 16)
+    torch.testing.assert_close(raw.detach().clamp(-1, 1), clamped, rtol=0, atol=1e-6)
+    # A saturated pixel still has a gradient (the clamp in vae.decode would give it none).
+    target = torch.zeros_like(raw)
+    raw.sub(target).abs().mean().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert not vae.decoder._forward_hooks  # the hook is removed again
+
+
+def test_vae_trains_on_full_length_clips_with_some_short_wide_ones(train_script):
+    cfg = train_script.TrainConfig()
+    shapes = [train_script.vae_clip_shape(step, cfg) for step in range(4 * cfg.vae_short_every)]
+    assert shapes.count((dm.DEFAULT_FRAMES, cfg.vae_crop)) == 3 * shapes.count((cfg.vae_short_frames, cfg.vae_short_crop))
+    assert cfg.vae_frames == cfg.frames == dm.DEFAULT_FRAMES  # every latent chunk of the causal cache is trained
+    # The defaults fit one 9-minute GPU call, leaving time for setup, saving and samples.
+    assert cfg.vae_minutes + cfg.dit_minutes <= 8.5
+    never = train_script.TrainConfig(vae_short_every=0)
+    assert {train_script.vae_clip_shape(s, never) for s in range(5)} == {(never.vae_frames, never.vae_crop)}
+
+
+def test_warm_up_never_outlasts_its_share_of_the_budget(train_script):
+    lr = train_script.lr_factor
+    assert lr(0, 0.0, warmup=100) == pytest.approx(0.01)
+    assert lr(49, 0.0, warmup=100) == pytest.approx(0.5)
+    # Slow steps: only 5 of 100 warm-up steps done, but 10 % of the time is gone -> full rate.
+    assert lr(4, 0.1, warmup=100, warmup_fraction=0.1) == pytest.approx(lr(10**6, 0.1, warmup=1))  # cosine only
+    assert lr(4, 0.05, warmup=100, warmup_fraction=0.1) == pytest.approx(0.5, abs=1e-2)
+    assert lr(1000, 0.5, warmup=100) == pytest.approx(0.55)
+    assert lr(1000, 1.0, warmup=100) == pytest.approx(0.1) and lr(1000, 1.7, warmup=100) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [(dict(vae_frames=32), "4k \\+ 1"), (dict(vae_crop=60), "multiple of 8"), (dict(dit_batch=0), "at least 1"),
+     (dict(vae_short_every=-1), "vae_short_every"), (dict(dit_minutes=0), "positive"),
+     (dict(warmup_fraction=0), "warmup_fraction")],
+)
+def test_bad_training_settings_are_refused(train_script, change, message):
+    train_script.check_config(train_script.TrainConfig())
+    with pytest.raises(ValueError, match=message):
+        train_script.check_config(train_script.TrainConfig(**change))
