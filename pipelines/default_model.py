@@ -4,7 +4,8 @@ Every component is a stock diffusers / transformers class, so the shipped folder
 ``diffusers.WanPipeline`` folder (``WanPipeline.from_pretrained(folder)`` loads it offline):
 
 * ``transformer`` - ``WanTransformer3DModel``: 6 layers, 4 heads of head_dim 64, patch (1, 2, 2)
-* ``vae`` - ``AutoencoderKLWan``: z_dim 16, 4x temporal / 8x spatial compression (base_dim 16)
+* ``vae`` - ``AutoencoderKLWan``: z_dim 16, 4x temporal / 8x spatial compression (base_dim 16,
+  Wan 2.2's residual blocks)
 * ``text_encoder`` - ``UMT5EncoderModel``: 2 layers, d_model 128
 * ``tokenizer`` - word-level over :data:`dit_sparse.data.VOCABULARY` (:mod:`.word_tokenizer`)
 * ``scheduler`` - ``UniPCMultistepScheduler`` with flow sigmas (shift 3), as Wan 2.1 ships
@@ -87,6 +88,9 @@ VAE_CONFIG = dict(
     attn_scales=[],
     temperal_downsample=[False, True, True],
     dropout=0.0,
+    # Wan 2.2's residual down / up blocks: their parameter-free shortcuts (space-to-channel averages and
+    # duplications) carry the signal through the whole VAE, so this tiny one trains in minutes.
+    is_residual=True,
     # Set from the encoded training data by the training script; identity until then.
     latents_mean=[0.0] * Z_DIM,
     latents_std=[1.0] * Z_DIM,

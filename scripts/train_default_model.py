@@ -3,7 +3,9 @@
 Two phases, each with a wall-clock budget, on one GPU (bf16 autocast):
 
 1. VAE (``--vae-minutes``): ``AutoencoderKLWan`` as an autoencoder (L1 + MSE + a small KL) on random
-   crops of procedural videos rendered on the GPU. Most steps take FULL-length clips (33 frames) at small
+   crops of procedural videos rendered on the GPU, from zero-initialised residual branches and a
+   standardised latent (:func:`init_vae_for_training`; without it the tiny VAE learns slowly and, at
+   higher learning rates, collapses to one constant output). Most steps take FULL-length clips (33 frames) at small
    crops: the Wan VAE encodes 4 frames and decodes 1 latent frame at a time, carrying a causal feature
    cache from chunk to chunk, so clips shorter than the generated videos never train the later chunks
    (their frames wash out). Every few steps a short clip at a larger crop adds spatial context. The loss
@@ -105,7 +107,7 @@ class TrainConfig:
     vae_short_every: int = 4  # every n-th step a short clip at a larger crop (spatial context); 0: never
     vae_short_frames: int = 9
     vae_short_crop: int = 128
-    vae_lr: float = 1e-3
+    vae_lr: float = 3e-4  # 1e-3 makes this VAE collapse to a constant output
     vae_kl_weight: float = 1e-6
     vae_warmup_steps: int = 40
     stats_videos: int = 64
@@ -284,10 +286,44 @@ def vae_clip_shape(step: int, cfg: TrainConfig) -> tuple[int, int]:
     return cfg.vae_frames, cfg.vae_crop
 
 
+@torch.no_grad()
+def init_vae_for_training(vae, x: torch.Tensor) -> None:
+    """Initialisation that lets a VAE trained from scratch learn in minutes (measured on CPU: L1 0.17
+    after 300 steps instead of 0.37, and no collapse to a constant output):
+
+    * every residual branch (the second conv of each ``WanResidualBlock``, the output projection of each
+      ``WanAttentionBlock``) starts at zero, so each block starts as its shortcut and the input signal
+      reaches the latent and the output undiluted;
+    * ``quant_conv`` is rescaled on the batch ``x`` so the posterior means have zero mean and unit
+      variance per channel, and the log-variances start at -6 (posterior std 0.05): the decoder sees a
+      strong signal, not noise.
+    """
+    for module in vae.modules():
+        kind = type(module).__name__
+        if kind == "WanResidualBlock":
+            module.conv2.weight.zero_()
+            module.conv2.bias.zero_()
+        elif kind == "WanAttentionBlock":
+            module.proj.weight.zero_()
+            module.proj.bias.zero_()
+    mean = vae.encode(x).latent_dist.mean.float()
+    mu, sd = mean.mean(dim=(0, 2, 3, 4)), mean.std(dim=(0, 2, 3, 4)).clamp_min(1e-6)
+    c = vae.config.z_dim
+    weight, bias = vae.quant_conv.weight, vae.quant_conv.bias
+    weight[:c] /= sd.view(-1, *[1] * (weight.dim() - 1)).to(weight.dtype)
+    bias[:c] = (bias[:c] - mu) / sd
+    weight[c:] = 0.0
+    bias[c:] = -6.0
+
+
 def train_vae(vae, cfg: TrainConfig, device, amp: bool, log: TrainLog) -> dict:
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     stream = SpecStream(cfg.seed * 2 + 0)
+    sample, _ = render_batch(
+        SpecStream(cfg.seed * 2 + 4), cfg.vae_batch, cfg.vae_frames, cfg.vae_crop, cfg.vae_crop, device
+    )
+    init_vae_for_training(vae, sample)
     budget, start, step, batch = cfg.vae_minutes * 60, time.time(), 0, cfg.vae_batch
     log.plan(budget, cfg.dit_minutes * 60)
     while step < cfg.vae_max_steps and time.time() - start < budget:
