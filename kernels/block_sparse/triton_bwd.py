@@ -293,10 +293,13 @@ def _dq_step(
             kT = tl.load(kT_ptrs)
             vT = tl.load(vT_ptrs)
     qk = tl.dot(q, kT)
+    if MASK_KV:
+        # Keys past kv_len score 0 - which exp2 turns into inf when a row's real scores (its lse) are very
+        # negative, and inf * 0 is NaN: mask them out before the exponential.
+        qk = tl.where((start_n + offs_n0)[None, :] < kv_len, qk, float("-inf"))
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     dp = tl.dot(do, vT)
     ds = p * (dp - delta[:, None])
-    # Zero-loaded tail keys give zero rows of K, so their (nonzero) ds adds nothing to dQ.
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
     return dq
 

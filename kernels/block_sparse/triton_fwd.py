@@ -31,9 +31,10 @@ import triton.language as tl
 from ._common import (
     LOG2E, broadcast_strides, ensure_tma_allocator, interpreting, new_output, padded_head_dim, tma_eligible,
 )
+from ..sparse_linear.triton_common import phi_fwd
 from .layout_ops import full_rows_hint
 
-__all__ = ["block_sparse_fwd", "FwdConfig", "FWD_TUNE_SPACE"]
+__all__ = ["block_sparse_fwd", "FwdConfig", "FWD_TUNE_SPACE", "LinearBranch"]
 
 
 class FwdConfig(NamedTuple):
@@ -57,6 +58,21 @@ FWD_TUNE_SPACE = [
     FwdConfig(128, 8, 3, True), FwdConfig(128, 8, 2, True), FwdConfig(128, 8, 3), FwdConfig(128, 8, 2),
     FwdConfig(64, 8, 3, True),
 ]
+
+
+class LinearBranch(NamedTuple):
+    """Inputs and output of sparse-linear attention's linear branch, for a ``LINEAR`` forward launch.
+
+    ``r``: per query block the complement state ``R_i = sum over non-critical key blocks of phi(K_j)^T V_j``,
+    ``[B*H, Mq, D, D]`` contiguous (zero for a block that keeps every key block); ``z``: the matching
+    ``r_i = sum phi(K_j)``, fp32 ``[B*H, Mq, D]``; ``out``: the linear output, contiguous ``[B, H, Sq, D]``.
+    """
+
+    r: torch.Tensor
+    z: torch.Tensor
+    out: torch.Tensor
+    feature_map: int
+    eps: float
 
 
 def _to_triton(cfg: FwdConfig) -> triton.Config:
@@ -125,23 +141,45 @@ def _fwd_step(
     return acc, l_i, m_ij
 
 
+@triton.jit
+def _linear_rows(
+    q, OL, LIN_R, LIN_Z, pid_bh, pid_m, q_len, eps, offs_m, offs_d,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, FEATURE_MAP: tl.constexpr,
+):
+    """Sparse-linear attention's linear output of one query block (``LINEAR`` launches):
+    ``o_l = phi(q) R_i / (max(phi(q) . r_i, 0) + eps)`` with this block's complement states ``R_i``
+    (``[D, D]``, zero when the block keeps every key block) and ``r_i`` (fp32 ``[D]``), written to OL
+    (contiguous ``[B*H, Sq, D]``). One MMA per query block."""
+    valid = (offs_m < q_len)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    f = phi_fwd(q.to(tl.float32), valid, FEATURE_MAP)
+    st = pid_bh.to(tl.int64) * tl.cdiv(q_len, BLOCK_M) + pid_m
+    d_ok = offs_d < HEAD_DIM
+    r = tl.load(LIN_Z + st * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+    den = tl.maximum(tl.sum(f * r[None, :], 1), 0.0) + eps
+    rs = tl.load(LIN_R + st * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
+                 mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+    o_l = tl.dot(f.to(rs.dtype), rs) * (1.0 / den)[:, None]
+    ol_ptrs = OL + pid_bh.to(tl.int64) * q_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(ol_ptrs, o_l.to(OL.dtype.element_ty), mask=valid)
+
+
 @triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_KV", "TMA_OK"],
+    configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_KV", "TMA_OK", "LINEAR", "FEATURE_MAP"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, O, LSE, KV_COUNTS, KV_INDICES,
+    Q, K, V, O, LSE, KV_COUNTS, KV_INDICES, OL, LIN_R, LIN_Z,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
-    H, q_len, kv_len, qk_scale,
+    H, q_len, kv_len, qk_scale, lin_eps,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, EVEN_KV: tl.constexpr, TMA_OK: tl.constexpr,
-    FULL_ROWS: tl.constexpr,
+    FULL_ROWS: tl.constexpr, LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr,
     BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     TMA: tl.constexpr = USE_TMA and TMA_OK
@@ -219,6 +257,9 @@ def _block_sparse_fwd_kernel(
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=row_ok)
+    if LINEAR:
+        _linear_rows(q, OL, LIN_R, LIN_Z, pid_bh, pid_m, q_len, lin_eps, offs_m, offs_d,
+                     HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, FEATURE_MAP)
 
 
 def block_sparse_fwd(
@@ -232,6 +273,7 @@ def block_sparse_fwd(
     block_kv: int,
     config: tuple | None = None,
     full_rows: bool | None = None,
+    linear: LinearBranch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on validated inputs.
 
@@ -245,6 +287,8 @@ def block_sparse_fwd(
         full_rows: compile the in-order loop that ignores the index lists. Only correct when every
             ``kv_counts`` entry equals ``Mk``; ``None`` (default) asks :func:`~.layout_ops.full_rows_hint`,
             which knows it from the second call on a layout, without a host sync.
+        linear: sparse-linear attention's linear branch (:class:`LinearBranch`), computed in the same
+            launch after the sparse rows: its output is written to ``linear.out``.
 
     Returns:
         ``o`` ``[B, H, Sq, D]`` (q's dtype and, where dense, its strides) and ``lse`` fp32 ``[B, H, Sq]``
@@ -264,19 +308,21 @@ def block_sparse_fwd(
     cs = broadcast_strides(kv_counts)
     is_ = broadcast_strides(kv_indices)
     grid = (triton.cdiv(Sq, block_q), B * H)
+    lin_out, lin_r, lin_z = (linear.out, linear.r, linear.z) if linear is not None else (o, o, lse)
     args = (
-        q, k, v, o, lse, kv_counts, kv_indices,
+        q, k, v, o, lse, kv_counts, kv_indices, lin_out, lin_r, lin_z,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         cs[0], cs[1], cs[2],
         is_[0], is_[1], is_[2],
-        H, Sq, Skv, scale * LOG2E,
+        H, Sq, Skv, scale * LOG2E, linear.eps if linear is not None else 0.0,
     )
     meta = dict(
         HEAD_DIM=D, HEAD_DIM_PAD=padded_head_dim(D), BLOCK_M=block_q, BLOCK_KV=block_kv,
-        EVEN_KV=Skv % block_kv == 0, TMA_OK=tma_ok, FULL_ROWS=bool(full_rows),
+        EVEN_KV=Skv % block_kv == 0, TMA_OK=tma_ok, FULL_ROWS=bool(full_rows), LINEAR=linear is not None,
+        FEATURE_MAP=linear.feature_map if linear is not None else 0,
     )
     if config is None and interpreting():
         # Whole layout blocks per step: the interpreter's cost grows with the number of steps.

@@ -48,7 +48,7 @@ def sla_forward_op(
 @sla_forward_op.register_fake
 def _(q, k, v, kv_counts, kv_indices, block_q, block_kv, feature_map, scale, eps):
     b, h, sq, d = q.shape
-    return q.new_empty(b, h, sq, d), q.new_empty(b, h, sq, d), q.new_empty(b, h, sq, dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(b, h, sq, d), q.new_empty(b, h, sq, dtype=torch.float32)
 
 
 @torch.library.custom_op("dit_sparse::sla_backward", mutates_args=())

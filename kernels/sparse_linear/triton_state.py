@@ -13,6 +13,8 @@ query-block gradients ``dR_i, dr_i``. Totals over all blocks are a ``torch.sum``
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -21,7 +23,7 @@ from dit_sparse.block_layout import cdiv
 
 from .triton_common import phi_fwd, pick_configs, prune_tiles
 
-__all__ = ["block_states"]
+__all__ = ["block_states", "complement_states"]
 
 _STATE_CONFIGS = pick_configs(
     [
@@ -124,3 +126,70 @@ def block_states(
         BLOCK_KV=block, BLOCK_D=block_d, EVEN_D=block_d == d, FEATURE_MAP=feature_map_id, HAS_WEIGHTS=has_w,
     )
     return hs, zs, hs.sum(1, dtype=torch.float32), zs.sum(1)
+
+
+_COMPLEMENT_CONFIGS = pick_configs(
+    [triton.Config({"BLOCK_F": 2048}, num_warps=4), triton.Config({"BLOCK_F": 1024}, num_warps=4)],
+    triton.Config({"BLOCK_F": 2048}, num_warps=4),
+)
+
+
+@triton.autotune(configs=_COMPLEMENT_CONFIGS, key=["F"])
+@triton.jit
+def _complement_kernel(
+    TOT, S, OUT, COUNTS, INDICES,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im,
+    H, M_SRC, M_OUT, F,
+    BLOCK_F: tl.constexpr,
+):
+    row = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs = tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)
+    ok = offs < F
+    bh64 = bh.to(tl.int64)
+    count = tl.load(COUNTS + b * stride_cb + h * stride_ch + row * stride_cm)
+    idx_base = INDICES + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + row * stride_im
+    acc = tl.load(TOT + bh64 * F + offs, mask=ok, other=0.0)
+    for t in range(0, count):
+        j = tl.load(idx_base + t)
+        acc -= tl.load(S + (bh64 * M_SRC + j) * F + offs, mask=ok, other=0.0).to(tl.float32)
+    acc = tl.where(count < M_SRC, acc, 0.0)
+    tl.store(OUT + (bh64 * M_OUT + row) * F + offs, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+def complement_states(
+    total: torch.Tensor,
+    states: torch.Tensor,
+    counts: torch.Tensor,
+    indices: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Per row i of a block layout, the total minus the states of the blocks row i lists:
+    ``out[bh, i] = total[bh] - sum_{t < counts[i]} states[bh, indices[i, t]]``, summed in fp32, and 0 for a
+    row that lists every block (nothing is left over).
+
+    total fp32 ``[B*H, *S]``; states ``[B*H, M_src, *S]`` (contiguous); counts int32 ``[B, H, M_out]`` and
+    indices int32 ``[B, H, M_out, M_src]`` (any strides, expanded views too) ->
+    ``[B*H, M_out, *S]`` in ``out_dtype``. Each program walks one row's list for one slice of the state,
+    so the many independent programs keep the loads in flight (the lists are short: the critical blocks).
+    """
+    b, h, m_out = counts.shape
+    m_src = states.shape[1]
+    feat = math.prod(states.shape[2:])
+    out = torch.empty(b * h, m_out, *states.shape[2:], device=states.device, dtype=out_dtype)
+    if out.numel() == 0:
+        return out
+
+    def grid(meta):
+        return (m_out, b * h, triton.cdiv(feat, meta["BLOCK_F"]))
+
+    _complement_kernel[grid](
+        total, states, out, counts, indices,
+        counts.stride(0), counts.stride(1), counts.stride(2),
+        indices.stride(0), indices.stride(1), indices.stride(2),
+        h, m_src, m_out, feat,
+    )
+    return out

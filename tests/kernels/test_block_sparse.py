@@ -369,6 +369,25 @@ def test_all_empty_layout(backend):
 
 
 @needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_tail_only_rows_with_saturated_scores_stay_finite(backend):
+    """A query block that keeps only the partial last key block, with scores of magnitude ~1e5: the
+    keys past the sequence end must not enter dq's exponential (they once turned into inf * 0 = NaN)."""
+    q, k, v = (100.0 * t for t in make_qkv(1, 1, 130, 130, 64, torch.float32, 5))
+    q, k, v = (t.half() for t in (q, k, v))
+    mask = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    mask[0, 0, 0] = True
+    mask[0, 0, 1, 2] = True  # rows 64..127 see keys 128..129 only
+    layout = BlockLayout.from_block_mask_tensor(mask, 130, 130, 64, 64).to(DEVICE)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    o = block_sparse_attention(q, k, v, layout, backend=backend)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(0)).to(o)
+    (o.float() * do.float()).sum().backward()
+    for name, t in (("o", o), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        assert torch.isfinite(t).all(), f"{name} has NaN or inf"
+
+
+@needs_triton
 def test_kernels_write_every_element(monkeypatch):
     """Outputs allocated NaN-filled: any element a kernel leaves unwritten shows up as NaN."""
 
