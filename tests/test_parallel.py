@@ -197,8 +197,9 @@ def test_context_parallel_config_rejects_ring_and_ignores_none():
         parallel.context_parallel_config(_fake_processor(ring=2, ulysses=1))
 
 
-@pytest.mark.parametrize("family", ["cogvideox", "hunyuan_video", "mochi", "flux"])
+@pytest.mark.parametrize("family", ["cogvideox", "mochi", "flux"])
 def test_joint_attention_families_are_refused(family):
+    # HunyuanVideo is supported (its own cp plan and shard reordering): tests/test_parallel_hunyuan.py
     with pytest.raises(ValueError, match=f"'{family}' family"):
         parallel.check_supported(family, SparseAttentionConfig())
 

@@ -6,6 +6,12 @@ Joint attention over ``[video, text]`` (video first) in the dual-stream blocks
 a boolean key mask ``[B, 1, 1, video + text]`` that hides padded text tokens; the engine attends the
 text keys densely under that mask next to the sparse video keys, so masked keys stay masked. The
 token refiner's attention (``context_embedder``) is plain self-attention over text and stays stock.
+
+Under Ulysses context parallelism (``dit_sparse.parallel.enable_ulysses``, which uses
+``parallel.HUNYUAN_VIDEO_CP_PLAN``) each call sees this rank's ``[video_r, text_r]`` tokens and its cut of
+the key mask; the plan is made for the full sequence (grid and text length from the hook) and
+``parallel.ulysses_attend`` reorders the gathered sequence to ``[all video, all text]`` around the engine,
+with the gathered text mask, so the result equals the single-process one.
 """
 
 from __future__ import annotations
@@ -41,9 +47,11 @@ class HunyuanVideoSparseAttnProcessor(SparseProcessorMixin, HunyuanVideoAttnProc
         plan = None
         mask_ok = attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4
                                              and attention_mask.shape[1:3] == (1, 1))
-        if encoder_hidden_states is not None and mask_ok:
-            head_dim = attn.to_q.out_features // attn.heads
-            plan = self._plan(attn, head_dim, hidden_states.shape[1], encoder_hidden_states.shape[1], False)
+        if encoder_hidden_states is not None and mask_ok and self.engine is not None:
+            lengths = self._full_lengths(hidden_states.shape[1], encoder_hidden_states.shape[1], attention_mask)
+            if lengths is not None:
+                head_dim = attn.to_q.out_features // attn.heads
+                plan = self._plan(attn, head_dim, lengths[0], lengths[1], False)
         if plan is None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
@@ -71,17 +79,42 @@ class HunyuanVideoSparseAttnProcessor(SparseProcessorMixin, HunyuanVideoAttnProc
                 ek = attn.norm_added_k(ek)
             query, key, value = (torch.cat(pair, dim=1) for pair in ((query, eq), (key, ek), (value, ev)))
 
+        # padded text keys (under context parallelism: among this rank's text tokens)
         text_valid = None if attention_mask is None else attention_mask[:, 0, 0, n_video:]
-        out = self.engine.attend(
-            plan, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), text_valid=text_valid
-        )
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        out = self._attend(plan, query, key, value, text_valid=text_valid)
+        out = out.flatten(2, 3).to(query.dtype)
         video_out, text_out = out[:, :n_video], out[:, n_video:]
         if getattr(attn, "to_out", None) is not None:
             video_out = attn.to_out[1](attn.to_out[0](video_out))
         if getattr(attn, "to_add_out", None) is not None:
             text_out = attn.to_add_out(text_out)
         return video_out, text_out
+
+    def _full_lengths(self, n_video: int, n_text: int, attention_mask) -> tuple[int, int] | None:
+        """The (video, text) lengths of the full joint sequence the engine plans for: the call's own
+        lengths in one process; under context parallelism the unsplit lengths of the hook's call info,
+        ``None`` (computed stock) when this call does not hold the plan's shards."""
+        from .. import parallel
+
+        cp = parallel.context_parallel_config(self)  # ring attention raises here
+        if cp is None:
+            return n_video, n_text
+        parallel.check_supported(self.family_name, self.engine.config)
+        call = self.engine.active_call
+        if call is None:
+            return n_video, n_text  # the engine counts it as "no_call_info" and computes stock
+        f, h, w = call.grid
+        full = parallel.full_joint_lengths(n_video, n_text, f * h * w, call.text_len, cp)
+        if full is None:
+            return self.engine._passthrough("parallel_shard")
+        if attention_mask is not None and attention_mask.shape[-1] != n_video + n_text:
+            raise ValueError(
+                f"HunyuanVideo under context parallelism: the attention mask has {attention_mask.shape[-1]} keys "
+                f"but this rank holds {n_video} video + {n_text} text tokens; enable context parallelism with "
+                f"dit_sparse.parallel.enable_ulysses (it uses parallel.HUNYUAN_VIDEO_CP_PLAN and cuts the mask "
+                f"per rank), not enable_parallelism alone"
+            )
+        return full
 
 
 def _call_info(module, args: dict):
