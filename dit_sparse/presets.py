@@ -1,9 +1,11 @@
 """Named speed presets for :class:`~dit_sparse.config.SparseAttentionConfig`.
 
 Each preset is a set of config fields plus a one-line description. ``measured`` holds the speed and
-quality numbers of a preset once they are measured on a GPU: they come from ``scripts/bench_e2e.py``
-(``benchmarks/e2e.json``: time per step and speedup over dense cuDNN attention, Wan 2.1 1.3B at 480p)
-and the quality reports of ``scripts/`` - never typed in by hand. Until then ``measured`` is ``None``.
+quality numbers of a preset once they are measured: ``dit_sparse/presets_measured.json``, written by
+``scripts/record_preset_measurements.py`` from ``benchmarks/e2e.json`` (``scripts/bench_e2e.py``: time
+per step and speed-up over dense cuDNN attention, Wan 2.1 1.3B at 480p on a GPU) and
+``benchmarks/quality.json`` (``scripts/quality_report.py``: PSNR / SSIM against the dense video) - never
+typed in by hand. A preset missing from that file has ``measured = None``.
 
 Presets, from closest-to-dense to fastest::
 
@@ -22,7 +24,9 @@ a step; block reuse also saves the feed-forward and cross-attention time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import pathlib
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import SparseAttentionConfig
@@ -79,6 +83,20 @@ PRESETS: dict[str, Preset] = {
         ),
     )
 }
+
+
+def _load_measured() -> dict[str, dict[str, Any]]:
+    path = pathlib.Path(__file__).with_name("presets_measured.json")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+for _name, _numbers in _load_measured().items():
+    if _name in PRESETS and isinstance(_numbers, dict):
+        PRESETS[_name] = replace(PRESETS[_name], measured=dict(_numbers))
 
 
 def preset_config(name: str, **overrides) -> SparseAttentionConfig:

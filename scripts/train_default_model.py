@@ -606,7 +606,33 @@ def write_archive(folder: pathlib.Path, archive: pathlib.Path, part_mib: float) 
 # ----------------------------------------------------------------------------------------------- main
 
 
-def readme_text(cfg, args, vae_stats, dit_stats, log, device, sizes, started) -> str:
+def load_for_resume(folder: pathlib.Path) -> tuple[dict, str]:
+    """Components of a model folder written by this script, in fp32 for training, and its README (the
+    record of the earlier runs, kept in the new README)."""
+    from diffusers import WanPipeline
+
+    folder = pathlib.Path(folder)
+    if not (folder / "model_index.json").is_file() or not (folder / "README.md").is_file():
+        raise ValueError(f"--resume-from {folder}: not a model folder written by this script "
+                         "(needs model_index.json and README.md)")
+    pipe = WanPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    components = {k: v for k, v in pipe.components.items() if k in
+                  ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
+    return components, (folder / "README.md").read_text()
+
+
+def _earlier_runs(readme: str) -> list[str]:
+    """The training-run sections of an earlier README, demoted one heading level."""
+    out, keep = [], False
+    for line in readme.splitlines():
+        if line.startswith("## "):
+            keep = line.startswith("## Training run") or line.startswith("## Earlier")
+        if keep:
+            out.append("#" + line if line.startswith("#") else line)
+    return out
+
+
+def readme_text(cfg, args, vae_stats, dit_stats, log, device, sizes, started, earlier=None) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})"
     import diffusers
     import transformers
@@ -628,12 +654,14 @@ def readme_text(cfg, args, vae_stats, dit_stats, log, device, sizes, started) ->
         f"- device: {gpu}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
         f"transformers {transformers.__version__}",
         f"- command: `{' '.join(args)}`",
-        f"- VAE: {vae_stats['steps']} steps in {vae_stats['seconds']} s, batch {vae_stats['batch']} x "
-        f"{cfg.vae_frames} frames at {cfg.vae_crop}x{cfg.vae_crop} crops"
-        + (f" (one step in {cfg.vae_short_every}: {cfg.vae_short_frames} frames at "
-           f"{cfg.vae_short_crop}x{cfg.vae_short_crop})" if cfg.vae_short_every else "")
-        + f", {vae_stats['videos']} videos rendered; "
-        f"final loss (L1 + MSE + KL term, mean of last 50 steps) {log.final_loss('vae'):.5f}",
+        (f"- VAE: {vae_stats['steps']} steps in {vae_stats['seconds']} s, batch {vae_stats['batch']} x "
+         f"{cfg.vae_frames} frames at {cfg.vae_crop}x{cfg.vae_crop} crops"
+         + (f" (one step in {cfg.vae_short_every}: {cfg.vae_short_frames} frames at "
+            f"{cfg.vae_short_crop}x{cfg.vae_short_crop})" if cfg.vae_short_every else "")
+         + f", {vae_stats['videos']} videos rendered; "
+         f"final loss (L1 + MSE + KL term, mean of last 50 steps) {log.final_loss('vae'):.5f}")
+        if vae_stats is not None else
+        "- VAE: kept from the run this one resumed (see Earlier runs below); no VAE steps in this run",
         f"- transformer + text encoder: {dit_stats['steps']} steps in {dit_stats['seconds']} s, batch "
         f"{dit_stats['batch']}, {dit_stats['videos']} videos of {cfg.frames}x{cfg.height}x{cfg.width}; "
         f"final flow-matching loss (mean of last 50 steps) {log.final_loss('transformer'):.5f}",
@@ -646,9 +674,11 @@ def readme_text(cfg, args, vae_stats, dit_stats, log, device, sizes, started) ->
         json.dumps(asdict(cfg), indent=2),
         "```",
         "",
-        "`train_log.csv` holds the loss of every step.",
+        "`train_log.csv` holds the loss of every step of this run.",
         "",
     ]
+    if earlier is not None:
+        lines += ["## Earlier runs (this run resumed from their weights)", ""] + _earlier_runs(earlier) + [""]
     return "\n".join(lines)
 
 
@@ -669,6 +699,10 @@ def parse_args(argv):
     p.add_argument("--archive", type=pathlib.Path, default=None,
                    help="also write the model folder as a tar split into ARCHIVE.00, ARCHIVE.01, ...")
     p.add_argument("--archive-part-mib", type=float, default=15.0, help="largest archive part (MiB)")
+    p.add_argument("--resume-from", type=pathlib.Path, default=None,
+                   help="a model folder written by this script: keep its VAE (and latent statistics) and train "
+                        "its transformer + text encoder further for --dit-minutes (no VAE phase)")
+    p.add_argument("--dit-lr", type=float, default=None, help="peak transformer learning rate")
     return p.parse_args(argv)
 
 
@@ -677,7 +711,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     cfg = smoke_config(args.seed) if args.smoke else TrainConfig(seed=args.seed)
-    for name in ("vae_minutes", "dit_minutes", "vae_batch", "dit_batch"):
+    for name in ("vae_minutes", "dit_minutes", "vae_batch", "dit_batch", "dit_lr"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     check_config(cfg)
@@ -695,15 +729,22 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
     print(f"device {device}, bf16 autocast {amp}, config {asdict(cfg)}", flush=True)
 
-    components = build_default_components(seed=cfg.seed)
+    if args.resume_from is not None:
+        components, earlier = load_for_resume(args.resume_from)
+    else:
+        components, earlier = build_default_components(seed=cfg.seed), None
     sizes = {
         k: f"{sum(p.numel() for p in components[k].parameters()) / 1e6:.2f}M"
         for k in ("transformer", "vae", "text_encoder")
     }
     log = TrainLog(every=1 if args.smoke else 50)
-    vae_stats = train_vae(components["vae"], cfg, device, amp, log)
-    components["vae"].requires_grad_(False)
-    set_latent_stats(components["vae"], cfg, device, amp)
+    if earlier is None:
+        vae_stats = train_vae(components["vae"], cfg, device, amp, log)
+        components["vae"].requires_grad_(False)
+        set_latent_stats(components["vae"], cfg, device, amp)
+    else:
+        vae_stats = None  # the resumed VAE and its latent statistics stay as they are
+        components["vae"].to(device).eval().requires_grad_(False)
     dit_stats = train_transformer(components, cfg, device, amp, log)
 
     from diffusers import WanPipeline
@@ -712,7 +753,7 @@ def main(argv=None) -> int:
         components[name].to("cpu")
     pipe = WanPipeline(**components)
     command = ["python", "scripts/train_default_model.py", *argv]
-    readme = readme_text(cfg, command, vae_stats, dit_stats, log, device, sizes, started)
+    readme = readme_text(cfg, command, vae_stats, dit_stats, log, device, sizes, started, earlier)
     out = save_default_model(pipe, args.out, extra_files={"README.md": readme, "train_log.csv": log.csv_text()})
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({total / 1e6:.1f} MB)", flush=True)

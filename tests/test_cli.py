@@ -359,7 +359,11 @@ def test_generate_writes_video_and_report(tmp_path, capsys):
     assert data["versions"]["torch"] and data["versions"]["diffusers"] and data["versions"]["python"]
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("fast: ") and summary.endswith(f"-> {out}")
-    assert "speedup vs dense not measured" in summary  # the preset table has no numbers yet
+    from dit_sparse.cli.presets_cmd import measured_speedup
+
+    speed = measured_speedup("fast")  # from the preset table (benchmarks/e2e.json), or none
+    assert (f"speedup vs dense {speed['text']}" if speed else "speedup vs dense not measured") in summary
+    assert data["measured_speedup_vs_dense"] == speed
 
 
 @pytest.mark.parametrize("size, flag", [(["--frames", "6"], "--frames"), (["--height", "40"], "--height")])

@@ -72,7 +72,7 @@ def test_presets_build_valid_configs_and_patterns():
     assert set(PRESETS) == {"quality", "balanced", "fast", "turbo", "dense"}
     for name, preset in PRESETS.items():
         cfg = SparseAttentionConfig.preset(name)
-        assert cfg.preset_name == name and preset.description and preset.measured is None
+        assert cfg.preset_name == name and preset.description
         assert build_pattern(cfg, text_len=16).name
         SparseAttentionEngine(cfg)
     assert len(describe_presets().splitlines()) == len(PRESETS)
@@ -99,3 +99,26 @@ def test_sla_mode_builds_an_engine_and_round_trips():
     cfg = SparseAttentionConfig(mode="sla", sla_topk=0.1, sla_feature_map="elu", sla_weights="runs/sla/w.safetensors")
     assert SparseAttentionEngine(cfg).sla_modules == {}  # filled by apply_sparse_attention
     assert SparseAttentionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_preset_measurements_are_the_benchmark_numbers(tmp_path):
+    """dit_sparse/presets_measured.json is what scripts/record_preset_measurements.py makes of the
+    benchmark files in benchmarks/ - so nobody edits the numbers users see by hand."""
+    import importlib.util
+    import json
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("record_preset_measurements",
+                                                  root / "scripts" / "record_preset_measurements.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "measured.json"
+    assert script.main(["--out", str(out)]) == 0
+    shipped = json.loads((root / "dit_sparse" / "presets_measured.json").read_text())
+    assert json.loads(out.read_text()) == shipped
+    for name, preset in PRESETS.items():
+        assert preset.measured == shipped.get(name)
+    e2e = json.loads((root / "benchmarks" / "e2e.json").read_text())
+    dense = e2e["wan"]["dense"]["time_per_step_s"]
+    assert shipped["fast"]["speedup"] == round(dense / e2e["wan"]["presets"]["fast"]["time_per_step_s"], 3)

@@ -1,0 +1,55 @@
+"""`scripts/train_default_model.py --resume-from`: trains a saved model's transformer further, keeps its VAE
+and latent statistics untouched, and keeps the earlier run's record in the README."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def script(monkeypatch):
+    spec = importlib.util.spec_from_file_location("train_default_model", ROOT / "scripts" / "train_default_model.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _state(folder, name):
+    from safetensors.torch import load_file
+
+    return load_file(str(next((folder / name).glob("*.safetensors"))))
+
+
+def test_resume_trains_the_transformer_and_keeps_the_vae(script, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert script.main(["--smoke", "--no-samples", "--out", str(first)]) == 0
+    assert script.main(["--smoke", "--no-samples", "--out", str(second), "--resume-from", str(first),
+                        "--dit-lr", "1e-3"]) == 0
+
+    vae_a, vae_b = _state(first, "vae"), _state(second, "vae")
+    assert vae_a.keys() == vae_b.keys() and all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    dit_a, dit_b = _state(first, "transformer"), _state(second, "transformer")
+    assert any(not torch.equal(dit_a[k], dit_b[k]) for k in dit_a)  # trained further
+    cfg_a, cfg_b = (json.loads((f / "vae" / "config.json").read_text()) for f in (first, second))
+    assert cfg_a["latents_mean"] == cfg_b["latents_mean"] and cfg_a["latents_std"] == cfg_b["latents_std"]
+
+    readme = (second / "README.md").read_text()
+    assert "no VAE steps in this run" in readme and "--resume-from" in readme
+    assert "## Earlier runs" in readme and "### Training run" in readme
+    log = (second / "train_log.csv").read_text().splitlines()
+    assert not any(r.startswith("vae,") for r in log) and sum(r.startswith("transformer,") for r in log) == 2
+
+
+def test_resume_from_a_folder_that_is_not_a_model_fails_clearly(script, tmp_path):
+    with pytest.raises(ValueError, match="not a model folder written by this script"):
+        script.main(["--smoke", "--no-samples", "--out", str(tmp_path / "o"), "--resume-from", str(tmp_path)])
+    assert not (tmp_path / "o").exists()
