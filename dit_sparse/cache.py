@@ -14,8 +14,11 @@ Entries are keyed by :class:`CacheKey` ``(layer, pattern, shape, branch)``. With
 ``share_across_layers=True`` the layer is left out of the lookup, so all layers with the same pattern
 and shape share one layout (statistics still count per requesting layer).
 
-Hot path: a hit does no device work and no host sync. Densities of built layouts are kept as tensors
-and reduced only in :meth:`PatternCache.stats`. Build time is measured with ``time.perf_counter``
+Hot path: a hit does no device work and no host sync, only a few dictionary look-ups (the key's
+canonical text is memoised, so building a fresh :class:`CacheKey` per call, as the engine does, costs
+a hash, not a JSON encoding). A build stores the layout's density as a 0-dim tensor computed from the
+kept-block counts (a few tiny operations, not a pass over the block mask); densities are reduced only
+in :meth:`PatternCache.stats`. Build time is measured with ``time.perf_counter``
 without synchronising, so on CUDA it is the host-side (launch) time; pass ``profile=True`` (or
 ``sync=True`` per call) to synchronise around the build and time the device work too. The drift check
 needs one small device-to-host copy per lookup when ``drift_threshold`` is set.
@@ -57,6 +60,7 @@ FORMAT = "dit-sparse/pattern-cache"
 FORMAT_VERSION = "1"
 _SHARED_LAYER = "*"
 _EPS = 1e-12
+_MAX_FINGERPRINTS = 4096
 
 
 @dataclass(frozen=True)
@@ -107,10 +111,24 @@ class CacheKey:
         return json.dumps([layer, self.pattern, _encode(self.shape), self.branch], separators=(",", ":"))
 
 
+def _type_tag(shape: tuple) -> tuple:
+    """Types of a normalised shape's items (nested): keeps keys that compare equal across types apart
+    in the fingerprint memo (``(1,)``, ``(1.0,)`` and ``(True,)`` are equal tuples, not equal keys)."""
+    tag = tuple(map(type, shape))
+    if tuple in tag:
+        return tuple(_type_tag(x) if type(x) is tuple else type(x) for x in shape)
+    return tag
+
+
+_PLAIN = (int, str, float, bool, type(None))
+
+
 def _normalize_shape(shape) -> tuple:
     out = []
     for item in shape:
-        if isinstance(item, (tuple, list, torch.Size)):
+        if type(item) in _PLAIN:  # fast path: exactly a builtin scalar, kept as is
+            out.append(item)
+        elif isinstance(item, (tuple, list, torch.Size)):
             out.append(_normalize_shape(item))
         elif isinstance(item, (bool, str, float)) or item is None:
             out.append(item)
@@ -200,13 +218,29 @@ class PatternCache:
         self._entries: dict[str, _Entry] = {}
         self._layers: dict[str, _LayerStats] = {}
         self._builds: list[_Build] = []
+        self._fingerprints: dict[tuple, str] = {}  # (key, sharing, its type tag) -> fingerprint
+
+    def _fingerprint(self, key: CacheKey) -> str:
+        """``key.fingerprint(share_across_layers)``, memoised: a hash look-up instead of a JSON encoding
+        on every call (keys are frozen; objects in shapes must have equal reprs when they are equal)."""
+        try:
+            memo = (key, self.share_across_layers, _type_tag(key.shape))
+            fp = self._fingerprints.get(memo)
+        except TypeError:  # an unhashable item in the shape: no memo
+            return key.fingerprint(self.share_across_layers)
+        if fp is None:
+            fp = key.fingerprint(self.share_across_layers)
+            if len(self._fingerprints) >= _MAX_FINGERPRINTS:
+                self._fingerprints.clear()
+            self._fingerprints[memo] = fp
+        return fp
 
     # ------------------------------------------------------------------ lookup
     def __len__(self) -> int:
         return len(self._entries)
 
     def __contains__(self, key: CacheKey) -> bool:
-        return key.fingerprint(self.share_across_layers) in self._entries
+        return self._fingerprint(key) in self._entries
 
     def get_or_build(
         self,
@@ -242,7 +276,7 @@ class PatternCache:
         stats = self._layers.get(key.layer)
         if stats is None:
             stats = self._layers[key.layer] = _LayerStats()
-        fp = key.fingerprint(self.share_across_layers)
+        fp = self._fingerprint(key)
         entry = self._entries.get(fp)
         reason = None
         if entry is None:
@@ -252,11 +286,12 @@ class PatternCache:
                 entry.built_step = step  # loaded entry, or a new generation: anchor here
             if self.refresh_every is not None and step - entry.built_step >= self.refresh_every:
                 reason = "refresh"
-            elif self._drifted(entry.signature, signature):
+            elif self.drift_threshold is not None and self._drifted(entry.signature, signature):
                 reason = "drift"
-        if reason is None:
+        if reason is None:  # hit: counters only, no tensor work
             stats.hits += 1
-            self._count_serve(entry.build, key.layer)
+            serves = entry.build.serves
+            serves[key.layer] = serves.get(key.layer, 0) + 1
             return entry.layout
 
         layout, seconds = self._timed_build(build_fn, self.profile if sync is None else sync)
@@ -267,7 +302,7 @@ class PatternCache:
             stats.refreshes += 1
         else:
             stats.drift_refreshes += 1
-        build = _Build(layout.density().mean())
+        build = _Build(_mean_density(layout))
         self._builds.append(build)
         sig = None if signature is None else signature.detach().clone()
         self._entries[fp] = _Entry(layout, step, sig, build)
@@ -440,10 +475,34 @@ class PatternCache:
         cache = cls(**{**config, **overrides})
         for key, counts, indices, sizes, sig in records:
             layout = BlockLayout(counts.to(device), indices.to(device), *sizes)
-            build = _Build(layout.density().mean())
+            build = _Build(_mean_density(layout))
             cache._builds.append(build)
             cache._entries[key] = _Entry(layout, None, None if sig is None else sig.to(device), build)
         return cache
+
+
+def _mean_density(layout: BlockLayout) -> torch.Tensor:
+    """``layout.density().mean()`` (0-dim fp32, on the layout's device) from the kept-block counts.
+
+    Every kept key block has ``block_kv`` tokens except the tail block, which is kept by a row iff the
+    row's last listed index is ``Mk - 1`` (indices are ascending); query rows weigh their block's true
+    size likewise. A few operations on ``[B, H, Mq]`` tensors, no pass over the ``[B, H, Mq, Mk]`` mask
+    and no host sync.
+    """
+    counts = layout.kv_counts.long()
+    mq, mk = layout.num_q_blocks, layout.num_kv_blocks
+    bq, bk = layout.block_q, layout.block_kv
+    cols = counts * bk  # key tokens kept per query block if every block were full (int64: exact)
+    tail_k = layout.kv_len - bk * (mk - 1)
+    if tail_k != bk:
+        last = layout.kv_indices.gather(-1, (counts - 1).clamp_(min=0).unsqueeze(-1)).squeeze(-1)
+        cols = cols - ((counts > 0) & (last == mk - 1)) * (bk - tail_k)
+    kept = cols.sum() * bq
+    tail_q = layout.q_len - bq * (mq - 1)
+    if tail_q != bq:
+        kept = kept - cols[..., -1].sum() * (bq - tail_q)
+    pairs = float(layout.batch * layout.heads * layout.q_len * layout.kv_len)
+    return kept.float() / pairs
 
 
 def _to_saveable(t: torch.Tensor) -> torch.Tensor:

@@ -344,3 +344,67 @@ def test_load_rejects_other_files(tmp_path):
     junk.write_bytes(b"\x00" * 3)
     with pytest.raises(ValueError):
         PatternCache.load(junk)
+
+
+# ---------------------------------------------------------------------------------------------- hot path cost
+def test_build_density_from_counts_matches_layout_density():
+    g = torch.Generator().manual_seed(0)
+    for q_len, kv_len, bq, bkv, b, h in [(40, 40, 16, 16, 1, 2), (64, 48, 16, 16, 2, 3), (33, 70, 8, 16, 1, 1),
+                                         (5, 5, 8, 8, 1, 1), (128, 100, 32, 7, 2, 2)]:
+        mq, mk = -(-q_len // bq), -(-kv_len // bkv)
+        for p in (0.0, 0.3, 0.8, 1.0):
+            mask = torch.rand(b, h, mq, mk, generator=g) < p
+            layout = BlockLayout.from_block_mask_tensor(mask, q_len, kv_len, bq, bkv)
+            broadcast = BlockLayout.from_block_mask_tensor(mask[:1, :1], q_len, kv_len, bq, bkv)
+            for lay in (layout, layout.expand(b, h), broadcast):
+                got = cache_mod._mean_density(lay)
+                assert got.dtype == torch.float32 and got.dim() == 0
+                assert float(got) == pytest.approx(float(lay.density().mean()), rel=1e-6, abs=1e-7)
+
+
+def test_fingerprint_memo_keeps_keys_of_equal_value_but_other_types_apart():
+    cache = PatternCache()
+    shapes = [(1, (2, 3)), (1.0, (2, 3)), (True, (2, 3)), (1, (2.0, 3)), (1, (2, 3))]
+    layouts = [make_layout(i) for i in range(len(shapes))]
+    for shape, lay in zip(shapes, layouts):
+        cache.get_or_build(CacheKey("l", "p", shape), 0, lambda lay=lay: lay)
+    assert len(cache) == 4  # the last shape is the first one again
+    for shape, lay in zip(shapes[:4], layouts):
+        k = CacheKey("l", "p", shape)
+        assert k.fingerprint() in cache._entries and cache._fingerprint(k) == k.fingerprint()
+        assert cache.get_or_build(k, 1, Builder()) is lay
+    shared = PatternCache(share_across_layers=True)
+    k = CacheKey("l", "p", (1,))
+    assert shared._fingerprint(k) == k.fingerprint(True) != k.fingerprint(False)
+    # an unhashable object in a shape still works (no memo)
+    unhashable = CacheKey("l", "p", ({"a": 1},))
+    cache.get_or_build(unhashable, 0, lambda: layouts[0])
+    assert unhashable in cache
+
+
+def test_hits_do_no_tensor_work():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    @dataclass(frozen=True)
+    class Layout:  # stands in for TokenLayout in the engine's keys
+        frames: int
+        height: int
+
+    cache = PatternCache(refresh_every=5)
+    lay = make_layout(1)
+    for layer in ("a", "b"):
+        cache.get_or_build(CacheKey(layer, "topk_r0.1", (Layout(3, 4), 1, HEADS), 0), 0, lambda: lay)
+    with Count():
+        for step in range(1, 5):
+            for layer in ("a", "b"):  # a fresh key per call, as the engine makes them
+                assert cache.get_or_build(CacheKey(layer, "topk_r0.1", (Layout(3, 4), 1, HEADS), 0), step,
+                                          Builder()) is lay
+    assert Count.ops == 0
+    assert cache.stats()["hits"] == 8

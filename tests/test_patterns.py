@@ -405,3 +405,149 @@ def test_render_layout_pictures(tmp_path):
         render_layout_array(sparse, heads=[3])
     with pytest.raises(ValueError, match="batch"):
         render_layout_array(sparse, batch=1)
+
+
+# ---------------------------------------------------------------------- build cost: vectorised, memoised, no host sync
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 2), h=st.integers(1, 3), mq=st.integers(1, 6), mk=st.integers(1, 9),
+       p=st.sampled_from([0.0, 0.3, 0.7, 1.0]), seed=st.integers(0, 1000))
+def test_mask_to_layout_is_from_block_mask_tensor(b, h, mq, mk, p, seed):
+    from dit_sparse.patterns.base import mask_to_layout
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, h, mq, mk, generator=g) < p
+    got = mask_to_layout(mask, mq * 4 - 1, mk * 4 - 3, 4, 4)
+    want = BlockLayout.from_block_mask_tensor(mask, mq * 4 - 1, mk * 4 - 3, 4, 4)
+    assert torch.equal(got.kv_counts, want.kv_counts) and torch.equal(got.kv_indices, want.kv_indices)
+    assert got.kv_counts.dtype == want.kv_counts.dtype and got.kv_indices.dtype == want.kv_indices.dtype
+    expanded = mask[:1, :1].expand(b, h, mq, mk)  # broadcast (stride-0) masks convert too
+    assert torch.equal(mask_to_layout(expanded, mq * 4, mk * 4, 4, 4).to_block_mask_tensor(), expanded)
+
+
+@pytest.mark.parametrize("grid,tile,text,block", [((3, 5, 7), (2, 2, 3), 3, 5), ((4, 6, 10), (1, 2, 2), 0, 4)])
+def test_tile3d_chunked_tiles_match_reference(grid, tile, text, block, monkeypatch):
+    from dit_sparse.patterns import tile3d
+
+    tl = TokenLayout(*grid, tile=tile, text_len=text)
+    ctx = make_ctx(tl, block, block, heads=2)
+    p = Tile3D(per_head=[(3, 3, 3), (1, 2, 3)])
+    whole = p.build(ctx)
+    monkeypatch.setattr(tile3d, "_CHUNK_ELEMENTS", 5)  # a few tiles per chunk
+    chunked = p.build(ctx)
+    assert torch.equal(whole.kv_indices, chunked.kv_indices) and torch.equal(whole.kv_counts, chunked.kv_counts)
+    for h, w in enumerate(p.per_head):
+        assert torch.equal(block_mask(chunked, 0, h), to_blocks(ref_tile3d(tl, w), block, block))
+
+
+def plain_union(members, ctx, q, k):
+    """The union as BlockLayout algebra computes it: each member built on its own, then ``|``."""
+    layout = None
+    for p in members:
+        lay = p.build(ctx, q, k) if p.needs_qk else p.build(ctx)
+        layout = lay if layout is None else layout | lay
+    return layout
+
+
+def test_union_with_memoised_static_operand_equals_plain_union(monkeypatch):
+    torch.manual_seed(3)
+    tl = TokenLayout(3, 6, 8, text_len=5, tile=(1, 2, 4))
+    ctx = make_ctx(tl, 8, 8, heads=2, batch=2)
+    members = [Tile3D((3, 1, 3)), TopK(ratio=0.2), TextAlwaysOn(), FirstFrameSink(), SpatioTemporal(num_samples=8)]
+    union = UnionPattern(members)
+    calls = []
+    real = Tile3D._mask
+    monkeypatch.setattr(Tile3D, "_mask", lambda self, *a: calls.append(1) or real(self, *a))
+    for i in range(3):  # refreshes with new q, k: the static part is built once
+        q, k = torch.randn(2, 2, tl.seq_len, 16), torch.randn(2, 2, tl.seq_len, 16)
+        got = union.build(ctx, q, k)
+        want = plain_union(members, ctx, q, k)
+        assert torch.equal(got.kv_counts, want.kv_counts) and torch.equal(got.kv_indices, want.kv_indices)
+        assert (got.batch, got.heads) == (2, 2)
+    static_builds = len(calls) - 3  # plain_union built Tile3D once per round
+    assert static_builds == 1
+    # another context gets its own static mask; clearing the memo rebuilds it, with the same result
+    other = make_ctx(tl, 4, 8, heads=2, batch=2)
+    assert torch.equal(union.build(other, q, k).to_block_mask_tensor(),
+                       plain_union(members, other, q, k).to_block_mask_tensor())
+    union.clear_static_cache()
+    before = len(calls)
+    again = union.build(ctx, q, k)
+    assert len(calls) == before + 1
+    assert torch.equal(again.kv_indices, want.kv_indices) and torch.equal(again.kv_counts, want.kv_counts)
+    # a union without dynamic members is static and memoised the same way
+    static = Tile3D((1, 1, 1)) | TextAlwaysOn()
+    assert not static.needs_qk
+    assert torch.equal(static.build(ctx).to_block_mask_tensor(),
+                       plain_union(static.patterns, ctx, None, None).to_block_mask_tensor())
+    assert torch.equal(static.build(ctx).kv_indices, plain_union(static.patterns, ctx, None, None).kv_indices)
+
+
+def test_topk_ratio_layout_comes_straight_from_topk():
+    torch.manual_seed(2)
+    tl = TokenLayout(2, 5, 6, text_len=3, tile=(1, 2, 2))
+    ctx = make_ctx(tl, 4, 4, heads=3, batch=2)
+    q, k = torch.randn(2, 3, tl.seq_len, 8), torch.randn(2, 3, tl.seq_len, 8)
+    for p in (TopK(ratio=0.3), TopK(ratio=0.01, min_blocks=3), TopK(ratio=1.0)):
+        got = p.build(ctx, q, k)
+        want = BlockLayout.from_block_mask_tensor(p._mask(ctx, q, k), tl.seq_len, tl.seq_len, 4, 4)
+        assert torch.equal(got.kv_counts, want.kv_counts) and torch.equal(got.kv_indices, want.kv_indices)
+
+
+def test_spatiotemporal_memo_follows_context_and_parameters():
+    torch.manual_seed(4)
+    tl = TokenLayout(4, 4, 4, tile=(1, 2, 2))
+    q, k = torch.randn(1, 2, tl.seq_len, 16), torch.randn(1, 2, tl.seq_len, 16)
+    p = SpatioTemporal(num_samples=16)
+    for bq in (4, 8, 4):
+        ctx = make_ctx(tl, bq, bq, heads=2)
+        fresh = SpatioTemporal(num_samples=16).build(ctx, q, k)
+        assert torch.equal(p.build(ctx, q, k).kv_indices, fresh.kv_indices)
+    p.spatial_frames = 2  # parameters changed after use: the memo does not serve stale masks
+    assert torch.equal(p.build(ctx, q, k).kv_indices, SpatioTemporal(2, num_samples=16).build(ctx, q, k).kv_indices)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts aten ops, and those that copy a device value to the host (``.item()``, ``bool(t)``, ...)."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.item")
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncs = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if str(func).startswith(self.SYNCING):
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_builds_make_no_host_sync_and_a_grid_independent_number_of_ops(monkeypatch):
+    # The pooled scores run in PyTorch here (not the Triton interpreter, which works on host copies).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync in a pattern build")
+
+    counts = []
+    for grid, tile in [((5, 6, 9), (2, 4, 4)), ((9, 14, 30), (2, 4, 4)), ((3, 8, 8), (1, 4, 4))]:
+        tl = TokenLayout(*grid, tile=tile, text_len=4)
+        ctx = make_ctx(tl, 16, 16, heads=2)
+        q, k = torch.randn(1, 2, tl.seq_len, 16), torch.randn(1, 2, tl.seq_len, 16)
+        patterns = [Tile3D((3, 3, 3)), Tile3D(per_head=[(1, 1, 1), (3, 3, 3)]), TopK(ratio=0.2),
+                    TopK(threshold=0.8), SpatioTemporal(num_samples=8),
+                    Tile3D((3, 3, 3)) | TopK(ratio=0.1) | TextAlwaysOn(), FirstFrameSink()]
+        ops = []
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"):
+                m.setattr(torch.Tensor, name, forbidden)
+            for p in patterns:
+                for _ in range(2):  # the first build also fills the layout's cached index tables
+                    with _CountOps() as c:
+                        p.build(ctx, q, k) if p.needs_qk else p.build(ctx)
+                    assert c.syncs == [], (p.name, c.syncs)
+                ops.append(c.ops)
+        counts.append(ops)
+    # the same number of tensor operations for every grid (no loop over tiles or blocks), and few
+    assert counts[0] == counts[1] == counts[2], counts
+    assert max(counts[0]) < 150, counts[0]

@@ -5,11 +5,19 @@ for), :class:`Pattern` (builds a :class:`~dit_sparse.block_layout.BlockLayout`) 
 Patterns work in tile order (see :mod:`dit_sparse.layout`): query and key blocks are consecutive chunks
 of ``block_q`` / ``block_kv`` tokens of the permuted sequence, and ``q`` / ``k`` passed to
 :meth:`Pattern.build` are already permuted, ``[B, H, S, D]``.
+
+Build cost: builds are vectorised, with a fixed number of tensor operations whatever the grid, and make
+no host sync (no ``.item()`` / ``.tolist()`` / ``bool(tensor)``), so on a GPU a build is a short run of
+kernel launches that never waits for the device. Patterns produce bool block masks (:meth:`Pattern._mask`)
+and a union ORs its members' masks and converts to a :class:`BlockLayout` once. A union memoises the
+mask of its static members (those that need no q/k) per :class:`PatternContext`, so a refresh of
+``Tile3D | TopK`` recomputes only the top-k part (:meth:`UnionPattern.clear_static_cache` drops it).
 """
 
 from __future__ import annotations
 
 import abc
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +25,7 @@ import torch
 from ..block_layout import BlockLayout
 from ..layout import BlockCoords, TokenLayout, _norm_device
 
-__all__ = ["PatternContext", "Pattern", "UnionPattern"]
+__all__ = ["PatternContext", "Pattern", "UnionPattern", "mask_to_layout"]
 
 
 @dataclass(frozen=True)
@@ -64,10 +72,14 @@ class PatternContext:
         return self.token_layout.block_coords(self.block_kv, self.device)
 
     def layout_from_mask(self, mask: torch.Tensor) -> BlockLayout:
-        """:class:`BlockLayout` from a bool block mask ``[B|1, H|1, Mq, Mk]`` (or ``[Mq, Mk]``)."""
+        """:class:`BlockLayout` from a bool block mask ``[B|1, H|1, Mq, Mk]`` (or ``[Mq, Mk]``).
+
+        The same layout as :meth:`BlockLayout.from_block_mask_tensor` (kept blocks ascending, padding 0),
+        computed with a prefix sum and one scatter instead of a sort.
+        """
         if mask.dim() == 2:
             mask = mask[None, None]
-        return BlockLayout.from_block_mask_tensor(mask, self.seq_len, self.seq_len, self.block_q, self.block_kv)
+        return mask_to_layout(mask, self.seq_len, self.seq_len, self.block_q, self.block_kv)
 
     def check_qk(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """Raise ValueError unless q and k are ``[batch, heads, seq_len, D]`` tensors on ``device``."""
@@ -90,7 +102,8 @@ class Pattern(abc.ABC):
 
     Layouts have shape ``[B|1, H|1, Mq, Mk]``: static patterns that are the same for every head return
     ``B = H = 1`` (broadcast). ``needs_qk`` patterns (dynamic ones) need the tile-ordered ``q, k``
-    ``[B, H, S, D]``; static ones ignore them. Combine with ``|``.
+    ``[B, H, S, D]``; static ones ignore them, and their layout must depend on the context (and the
+    pattern's parameters) only: a union memoises it per context. Combine with ``|``.
     """
 
     #: True when :meth:`build` needs q and k.
@@ -104,6 +117,14 @@ class Pattern(abc.ABC):
     @abc.abstractmethod
     def _build(self, ctx: PatternContext, q: torch.Tensor | None, k: torch.Tensor | None) -> BlockLayout:
         ...
+
+    def _mask(self, ctx: PatternContext, q: torch.Tensor | None, k: torch.Tensor | None) -> torch.Tensor:
+        """bool block mask ``[B|1, H|1, Mq, Mk]`` of :meth:`build` (inputs already checked).
+
+        Unions combine members through this. The default converts :meth:`_build`'s layout; the built-in
+        patterns compute the mask directly and build their layout from it.
+        """
+        return self._build(ctx, q, k).to_block_mask_tensor()
 
     def build(self, ctx: PatternContext, q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> BlockLayout:
         """The block layout of this pattern for ``ctx``; q, k: ``[B, H, S, D]`` in tile order."""
@@ -147,7 +168,15 @@ class Pattern(abc.ABC):
 
 
 class UnionPattern(Pattern):
-    """Keeps a key block when any member pattern keeps it (nested unions are flattened)."""
+    """Keeps a key block when any member pattern keeps it (nested unions are flattened).
+
+    Members' bool masks are ORed and converted to a layout once. The OR of the static members (those
+    with ``needs_qk`` False) depends only on the :class:`PatternContext`, so it is memoised per context
+    (a few recent contexts): rebuilding ``Tile3D | TopK`` on a refresh recomputes only the top-k part.
+    """
+
+    #: Contexts whose static-member mask is kept (small: one per token layout / head count in use).
+    static_cache_size: int = 8
 
     def __init__(self, patterns):
         flat = []
@@ -158,17 +187,62 @@ class UnionPattern(Pattern):
         if not flat:
             raise ValueError("UnionPattern needs at least one pattern")
         self.patterns = tuple(flat)
+        self._static = tuple(p for p in flat if not p.needs_qk)
+        self._dynamic = tuple(p for p in flat if p.needs_qk)
+        self._static_masks: OrderedDict = OrderedDict()
 
     @property
     def needs_qk(self) -> bool:
-        return any(p.needs_qk for p in self.patterns)
+        return bool(self._dynamic)
 
     @property
     def name(self) -> str:
         return "+".join(p.name for p in self.patterns)
 
+    def clear_static_cache(self) -> None:
+        """Forget the memoised masks of the static members (the next build recomputes them)."""
+        self._static_masks.clear()
+
+    def _static_mask(self, ctx: PatternContext) -> torch.Tensor | None:
+        if not self._static:
+            return None
+        mask = self._static_masks.get(ctx)
+        if mask is not None:
+            self._static_masks.move_to_end(ctx)
+            return mask
+        for p in self._static:
+            m = p._mask(ctx, None, None)
+            mask = m if mask is None else mask | m
+        self._static_masks[ctx] = mask
+        while len(self._static_masks) > self.static_cache_size:
+            self._static_masks.popitem(last=False)
+        return mask
+
+    def _mask(self, ctx, q, k) -> torch.Tensor:
+        mask = self._static_mask(ctx)
+        for p in self._dynamic:
+            m = p._mask(ctx, q, k)
+            mask = m if mask is None else mask | m  # out of place: the memoised static mask stays intact
+        return mask
+
     def _build(self, ctx, q, k) -> BlockLayout:
-        layout = self.patterns[0].build(ctx, q, k)
-        for p in self.patterns[1:]:
-            layout = layout | p.build(ctx, q, k)
-        return layout
+        return ctx.layout_from_mask(self._mask(ctx, q, k))
+
+
+def mask_to_layout(mask: torch.Tensor, q_len: int, kv_len: int, block_q: int, block_kv: int) -> BlockLayout:
+    """:class:`BlockLayout` of a bool block mask ``[B, H, Mq, Mk]``: the kept key blocks of each row in
+    ascending order, then zeros, exactly as :meth:`BlockLayout.from_block_mask_tensor` writes them.
+
+    Sort-free: a kept block's slot is the number of kept blocks before it (prefix sum); dropped blocks
+    are scattered to a spare slot past the end, which is cut off.
+    """
+    if mask.dim() != 4:
+        raise ValueError(f"block mask must be [B, H, Mq, Mk], got shape {tuple(mask.shape)}")
+    mask = mask.bool()
+    mk = mask.shape[-1]
+    counts = mask.sum(-1, dtype=torch.int32)
+    slots = torch.cumsum(mask, -1, dtype=torch.int64).sub_(1).masked_fill_(~mask, mk)
+    blocks = torch.arange(mk, device=mask.device, dtype=torch.int32).expand(mask.shape)
+    indices = torch.zeros(*mask.shape[:-1], mk + 1, device=mask.device, dtype=torch.int32)
+    indices.scatter_(-1, slots, blocks)
+    return BlockLayout(counts.contiguous(), indices[..., :mk].contiguous(), q_len, kv_len, block_q, block_kv)

@@ -3,6 +3,8 @@ switches sparsity off)."""
 
 from __future__ import annotations
 
+import torch
+
 from ..block_layout import BlockLayout
 from .base import Pattern, PatternContext
 
@@ -18,3 +20,6 @@ class Dense(Pattern):
 
     def _build(self, ctx: PatternContext, q=None, k=None) -> BlockLayout:
         return BlockLayout.dense(ctx.seq_len, ctx.seq_len, ctx.block_q, ctx.block_kv, device=ctx.device)
+
+    def _mask(self, ctx: PatternContext, q=None, k=None) -> torch.Tensor:
+        return torch.ones(1, 1, ctx.num_q_blocks, ctx.num_kv_blocks, dtype=torch.bool, device=ctx.device)

@@ -3,6 +3,8 @@ DiTs attend to heavily from every frame (the conditioning frame in image-to-vide
 
 from __future__ import annotations
 
+import torch
+
 from ..block_layout import BlockLayout
 from .base import Pattern, PatternContext
 
@@ -26,6 +28,9 @@ class FirstFrameSink(Pattern):
         return f"first_frame_sink_f{self.frames}"
 
     def _build(self, ctx: PatternContext, q=None, k=None) -> BlockLayout:
+        return ctx.layout_from_mask(self._mask(ctx))
+
+    def _mask(self, ctx: PatternContext, q=None, k=None) -> torch.Tensor:
         kc = ctx.kv_coords
         sink = kc.has_video & (kc.t_min < self.frames)
-        return ctx.layout_from_mask(sink[None, :].expand(ctx.num_q_blocks, -1))
+        return sink[None, None, None, :].expand(1, 1, ctx.num_q_blocks, -1)

@@ -13,11 +13,17 @@ ideal per-token ones, never less. Pure-text blocks keep nothing here (union with
 Which head is which is decided per (batch, head), as Sparse VideoGen does: a few query rows are sampled,
 their dense softmax is computed against all keys, and the head takes the mask that keeps more of the
 sampled attention mass. :meth:`SpatioTemporal.classify` exposes the decision.
+
+Build cost: the two candidate masks and the sampled rows depend only on the context, so they are made
+once per context and kept; a build computes the sampled rows' logits against all keys, their softmax,
+its mass per key block (one reduction), and picks per head, with no host sync.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +85,7 @@ class SpatioTemporal(Pattern):
         self.num_samples = num_samples
         self.seed = int(seed)
         self.last_classification: HeadClassification | None = None
+        self._memo: OrderedDict = OrderedDict()
 
     @property
     def name(self) -> str:
@@ -105,35 +112,75 @@ class SpatioTemporal(Pattern):
             keep &= (getattr(kc, lo)[None, :] <= q_hi) & (getattr(kc, hi)[None, :] >= q_lo)
         return keep
 
+    def _candidates(self, ctx: PatternContext):
+        """(spatial, temporal) masks of ``ctx`` plus, for the sampled rows, the float ``[2, n, Mk]`` masks
+        of their query blocks; they depend on ``ctx`` and the parameters only, so they are memoised
+        (a few recent contexts). Do not modify."""
+        key = (ctx, self.spatial_frames, self.temporal_radius, self.spatial_radius, self.num_samples, self.seed)
+        got = self._memo.get(key)
+        if got is None:
+            spatial, temporal = self.spatial_mask(ctx), self.temporal_mask(ctx)
+            rows = _sampled_rows(ctx.token_layout.video_len, self.num_samples, self.seed, ctx.device)
+            q_blocks = rows // ctx.block_q
+            per_row = torch.stack([spatial[q_blocks], temporal[q_blocks]]).float()  # [2, n, Mk]
+            got = (spatial, temporal, rows, per_row)
+            self._memo[key] = got
+            while len(self._memo) > _MEMO_SIZE:
+                self._memo.popitem(last=False)
+        else:
+            self._memo.move_to_end(key)
+        return got
+
     # ------------------------------------------------------------------ classification
     def classify(self, ctx: PatternContext, q: torch.Tensor, k: torch.Tensor,
                  scale: float | None = None) -> HeadClassification:
         """Spatial or temporal, per (batch, head), from sampled rows of dense attention.
 
-        q, k: ``[B, H, S, D]`` tile order. Cost O(num_samples * S) per head, never O(S^2).
+        q, k: ``[B, H, S, D]`` tile order. Cost O(num_samples * S) per head, never O(S^2). The softmax
+        mass of each sampled row is summed per key block, then over the blocks each mask keeps.
         """
         ctx.check_qk(q, k)
-        spatial, temporal = self.spatial_mask(ctx), self.temporal_mask(ctx)
-        rows = self._sample_rows(ctx)
+        return self._classify(ctx, q, k, scale)
+
+    def _classify(self, ctx: PatternContext, q, k, scale=None) -> HeadClassification:
+        _, _, rows, per_row = self._candidates(ctx)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        logits = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * scale  # [B, H, n, S]
-        probs = torch.softmax(logits, dim=-1)
-        q_blocks = rows // ctx.block_q
-        k_blocks = torch.arange(ctx.seq_len, device=ctx.device) // ctx.block_kv
-        recalls = []
-        for mask in (spatial, temporal):
-            kept = mask[q_blocks][:, k_blocks]  # [n, S] token mask of the sampled rows
-            recalls.append((probs * kept).sum(-1).mean(-1))
+        logits = (q[:, :, rows].float() @ k.float().transpose(-1, -2)).mul_(scale)  # [B, H, n, S]
+        mass = _block_sums(torch.softmax(logits, dim=-1), ctx.block_kv)  # [B, H, n, Mk]
+        recalls = (mass.unsqueeze(0) * per_row[:, None, None]).sum(-1).mean(-1)  # [2, B, H]
         return HeadClassification(recalls[1] > recalls[0], recalls[0], recalls[1])
 
     def _sample_rows(self, ctx: PatternContext) -> torch.Tensor:
-        v = ctx.token_layout.video_len
-        g = torch.Generator().manual_seed(self.seed)
-        rows = torch.randperm(v, generator=g)[: self.num_samples]
-        return rows.sort().values.to(ctx.device)
+        return _sampled_rows(ctx.token_layout.video_len, self.num_samples, self.seed, ctx.device)
+
+    def _mask(self, ctx: PatternContext, q, k) -> torch.Tensor:
+        spatial, temporal = self._candidates(ctx)[:2]
+        cls = self._classify(ctx, q, k)
+        self.last_classification = cls
+        return torch.where(cls.is_temporal[:, :, None, None], temporal, spatial)
 
     def _build(self, ctx: PatternContext, q, k) -> BlockLayout:
-        cls = self.classify(ctx, q, k)
-        self.last_classification = cls
-        mask = torch.where(cls.is_temporal[:, :, None, None], self.temporal_mask(ctx), self.spatial_mask(ctx))
-        return ctx.layout_from_mask(mask)
+        return ctx.layout_from_mask(self._mask(ctx, q, k))
+
+
+# Contexts whose candidate masks one SpatioTemporal keeps.
+_MEMO_SIZE = 8
+
+
+@functools.lru_cache(maxsize=64)
+def _sampled_rows(video_len: int, num_samples: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The sampled query rows (sorted video token indices) on ``device``, drawn once per (length, count,
+    seed, device) from a seeded CPU generator. Do not modify."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(video_len, generator=g)[:num_samples]
+    return rows.sort().values.to(device)
+
+
+def _block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Sums over consecutive blocks of ``block`` entries of the last dim (the tail block is shorter)."""
+    s = x.shape[-1]
+    full = s // block
+    head = x[..., : full * block].unflatten(-1, (full, block)).sum(-1)
+    if full * block == s:
+        return head
+    return torch.cat([head, x[..., full * block:].sum(-1, keepdim=True)], -1)

@@ -7,6 +7,8 @@ that may mix the last video tokens with the first text tokens counts as text.
 
 from __future__ import annotations
 
+import torch
+
 from ..block_layout import BlockLayout
 from .base import Pattern, PatternContext
 
@@ -21,5 +23,8 @@ class TextAlwaysOn(Pattern):
         return "text_always_on"
 
     def _build(self, ctx: PatternContext, q=None, k=None) -> BlockLayout:
+        return ctx.layout_from_mask(self._mask(ctx))
+
+    def _mask(self, ctx: PatternContext, q=None, k=None) -> torch.Tensor:
         q_text, k_text = ctx.q_coords.is_text, ctx.kv_coords.is_text
-        return ctx.layout_from_mask(q_text[:, None] | k_text[None, :])
+        return (q_text[:, None] | k_text[None, :])[None, None]

@@ -56,11 +56,30 @@ class TopK(Pattern):
         rule = f"r{self.ratio:g}" if self.ratio is not None else f"t{self.threshold:g}"
         return f"topk_{rule}" + (f"_min{self.min_blocks}" if self.min_blocks != 1 else "")
 
-    def _build(self, ctx: PatternContext, q, k) -> BlockLayout:
+    def _scores(self, ctx: PatternContext, q, k) -> torch.Tensor:
         from ..kernels.block_score import block_scores
 
-        scores = block_scores(q, k, ctx.block_q, ctx.block_kv, scale=self.scale)  # [B, H, Mq, Mk]
-        return ctx.layout_from_mask(self.select(scores, ctx.seq_len, ctx.block_kv))
+        return block_scores(q, k, ctx.block_q, ctx.block_kv, scale=self.scale)  # [B, H, Mq, Mk]
+
+    def _mask(self, ctx: PatternContext, q, k) -> torch.Tensor:
+        return self.select(self._scores(ctx, q, k), ctx.seq_len, ctx.block_kv)
+
+    def _build(self, ctx: PatternContext, q, k) -> BlockLayout:
+        scores = self._scores(ctx, q, k)
+        if self.ratio is None:
+            return ctx.layout_from_mask(self.select(scores, ctx.seq_len, ctx.block_kv))
+        # Ratio rule: every row keeps the same n blocks, so the layout comes straight from top-k's
+        # indices (sorted ascending, then zero padding), as from_block_mask_tensor would write it.
+        mk = scores.shape[-1]
+        n = self._ratio_count(mk)
+        kept = scores.topk(n, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+        indices = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
+        indices[..., :n] = kept
+        counts = torch.full(scores.shape[:-1], n, dtype=torch.int32, device=scores.device)
+        return BlockLayout(counts, indices, ctx.seq_len, ctx.seq_len, ctx.block_q, ctx.block_kv)
+
+    def _ratio_count(self, mk: int) -> int:
+        return max(min(self.min_blocks, mk), min(mk, math.ceil(self.ratio * mk)))
 
     def select(self, scores: torch.Tensor, kv_len: int, block_kv: int) -> torch.Tensor:
         """bool ``[..., Mq, Mk]`` mask of the key blocks kept from pooled ``scores`` ``[..., Mq, Mk]``."""
@@ -70,7 +89,7 @@ class TopK(Pattern):
                              f"{cdiv(kv_len, block_kv)}")
         floor = min(self.min_blocks, mk)
         if self.ratio is not None:
-            n = max(floor, min(mk, math.ceil(self.ratio * mk)))
+            n = self._ratio_count(mk)
             keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
             return keep.scatter_(-1, scores.topk(n, dim=-1).indices, True)
         if self.threshold >= 1.0:  # every block has some mass: all of it needs all of them
