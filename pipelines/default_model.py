@@ -232,6 +232,10 @@ def save_default_model(
         # Tokenizer files and class name that transformers 4 and 5 both read (see word_tokenizer).
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
         save_word_tokenizer(pipe.tokenizer, tmp / "tokenizer")
+        for config_path in tmp.glob("*/config.json"):  # where a loaded model came from is no part of it
+            config = json.loads(config_path.read_text())
+            if config.pop("_name_or_path", None) is not None:
+                config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         index_path = tmp / "model_index.json"
         index = json.loads(index_path.read_text())
         index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]

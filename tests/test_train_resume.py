@@ -41,6 +41,7 @@ def test_resume_trains_the_transformer_and_keeps_the_vae(script, tmp_path):
     assert any(not torch.equal(dit_a[k], dit_b[k]) for k in dit_a)  # trained further
     cfg_a, cfg_b = (json.loads((f / "vae" / "config.json").read_text()) for f in (first, second))
     assert cfg_a["latents_mean"] == cfg_b["latents_mean"] and cfg_a["latents_std"] == cfg_b["latents_std"]
+    assert "_name_or_path" not in cfg_b  # the folder it was resumed from is not recorded in the config
 
     readme = (second / "README.md").read_text()
     assert "no VAE steps in this run" in readme and "--resume-from" in readme
