@@ -3,30 +3,53 @@
 For one model (the embedded default, or a local diffusers folder via ``--model``), every preset
 generates the same prompts and seeds as dense; per preset the report gives the end-to-end time and
 speed-up over dense (this machine), PSNR and SSIM against the dense video of the same prompt and seed
-(averaged), and the mean attention density and recall when the sparse-attention stats provide them.
-It writes ``quality.md``, ``quality.json`` and ``quality.png`` (speed vs quality) into ``--out-dir``
-(default ``benchmarks/``). When ``benchmarks/e2e.json`` exists, the Wan-480p GPU speed-ups it holds
-are shown beside this machine's.
+(averaged), the mean attention density (from the sparse-attention stats) and the mean attention recall:
+for every sparse attention call, the share of the dense softmax mass inside the kept blocks
+(:func:`dit_sparse.patterns.attention_recall` on that call's q, k and layout; its time is taken out of the
+timings; ``--no-recall`` skips it). It writes ``quality.md``, ``quality.json`` and ``quality.png`` (speed
+vs quality) into ``--out-dir`` (default ``benchmarks/``). When ``benchmarks/e2e.json`` exists, the
+Wan-480p GPU speed-ups it holds are shown beside this machine's.
 
 Targets on the default model: ``quality`` >= 30 dB PSNR vs dense, ``fast`` >= 25 dB.
+
+CPU defaults (default model, no ``--device cuda``): 17 frames of 256x256 (latent 5x32x32, 1280 tokens:
+the default size's 16x16 token plane with 5 instead of 9 latent frames; the presets' block densities there
+are within 0.03 of the default size's - quality 1.00 at both, fast 0.80 vs 0.78), 12 steps, guidance 4,
+the three prompts with seed 0, no warm-up runs: about 5 minutes per prompt on 2 CPU cores (most of it
+``balanced``, whose top-k path is slow on CPU), 2-3 times that at the default size. PSNR differs by several
+dB between prompts, so one prompt (``--prompts "..."``, a quicker check) is a rough number. On CUDA the
+defaults are the default size (33 frames), the three prompts and seeds 0 1, with warm-up runs. Any of
+``--frames``, ``--prompts``, ``--seeds``, ``--warmup`` / ``--no-warmup`` overrides them.
+
+``--variant PRESET:FIELD=VALUE[:FIELD=VALUE...]`` adds rows for a preset with changed config fields
+(values in JSON, e.g. ``--variant fast:dense_steps=0.3 --variant "fast:window=[5,5,5]"``): a way to find the
+setting that would meet a target. Variants are reported apart from the presets (``variants`` in the JSON).
 
 Usage::
 
     python scripts/quality_report.py                       # default model, CPU-sized settings
+    python scripts/quality_report.py --e2e /path/to/e2e.json --variant fast:dense_steps=0.2
+    python scripts/quality_report.py --render-from benchmarks/quality.json   # new e2e.json, same runs
     python scripts/quality_report.py --model /models/Wan2.1-T2V-1.3B-Diffusers --device cuda \\
-        --frames 81 --height 480 --width 832 --steps 50
+        --frames 81 --height 480 --width 832 --steps 50 --no-recall
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import json
 import math
 import os
 import pathlib
 import sys
+import time
 
+import torch
+
+import dit_sparse.cli.run as cli_run
 from dit_sparse.cli.compare import REFERENCE
 from dit_sparse.cli.errors import CLIError
 from dit_sparse.cli.options import add_generation_options, settings_from_args
@@ -42,42 +65,146 @@ DEFAULT_PROMPTS = (
     "a yellow square bouncing on a striped purple background",
     "a white ring turning green on a checkered gray background",
 )
-# Keys of transformer.sparse_attention_stats() read here: density of the sparse layouts served,
-# density over all self-attention calls (dense steps count 1), and recall when the stats carry it.
-STAT_KEYS = {"density": "density", "effective_density": "effective_density", "recall": "recall"}
+# Keys of transformer.sparse_attention_stats() read here: density of the sparse layouts served and
+# density over all self-attention calls (dense steps count 1). Recall is measured here (RecallMeter).
+STAT_KEYS = {"density": "density", "effective_density": "effective_density"}
+# CPU defaults for the default model (see the module docstring): about 5 minutes per prompt on 2 cores.
+CPU_FRAMES, CPU_SEEDS = 17, (0,)
+GPU_SEEDS = (0, 1)
+PLOT_PSNR_CAP = 60.0  # dB; above it a video equals dense up to float noise
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def measure(pipe, settings, presets: list[str], prompts: list[str], seeds: list[int], warmup: bool, progress: bool):
-    """Run every (prompt, seed) with dense and each preset; returns one record per generation."""
-    import dataclasses
-
-    if warmup:  # one short run per preset first, so one-time costs (kernel builds) stay out of the timings
-        short = dataclasses.replace(settings, prompt=prompts[0], steps=min(2, settings.steps))
-        for name in [REFERENCE, *presets]:
-            generate(pipe, short, name, progress=False)
-    records = []
-    for prompt in prompts:
-        for seed in seeds:
-            s = dataclasses.replace(settings, prompt=prompt, seed=seed)
-            dense = generate(pipe, s, REFERENCE, progress=progress)
-            records.append(_record(REFERENCE, prompt, seed, dense, dense))
-            for name in presets:
-                records.append(_record(name, prompt, seed, generate(pipe, s, name, progress=progress), dense))
+def measure(pipe, settings, presets: list[str], prompts: list[str], seeds: list[int], warmup: bool, progress: bool,
+            recall: bool = True, variants: dict | None = None):
+    """Run every (prompt, seed) with dense and each preset (then each of ``variants``: name -> config);
+    returns one record per generation."""
+    variants = variants or {}
+    names = [*presets, *variants]
+    with _variant_configs(variants):
+        if warmup:  # one short run per preset first, so one-time costs (kernel builds) stay out of the timings
+            short = dataclasses.replace(settings, prompt=prompts[0], steps=min(2, settings.steps))
+            for name in [REFERENCE, *names]:
+                generate(pipe, short, name, progress=False)
+        records = []
+        for prompt in prompts:
+            for seed in seeds:
+                s = dataclasses.replace(settings, prompt=prompt, seed=seed)
+                dense = generate(pipe, s, REFERENCE, progress=progress)
+                records.append(_record(REFERENCE, prompt, seed, dense, dense))
+                for name in names:
+                    with RecallMeter(enabled=recall, sync=s.resolved_device().startswith("cuda")) as meter:
+                        result = generate(pipe, s, name, progress=progress)
+                    records.append(_record(name, prompt, seed, result, dense, meter))
     return records
 
 
-def _record(name, prompt, seed, result, dense) -> dict:
+@contextlib.contextmanager
+def _variant_configs(variants: dict):
+    """While active, the CLI's preset lookup also knows the variant names (generate() resolves by name)."""
+    if not variants:
+        yield
+        return
+    real = cli_run.resolve_preset
+    cli_run.resolve_preset = lambda name: variants[name] if name in variants else real(name)
+    try:
+        yield
+    finally:
+        cli_run.resolve_preset = real
+
+
+class RecallMeter:
+    """Attention recall of every sparse attention call while active: wraps the block-sparse kernel entry
+    (``dit_sparse.kernels.block_sparse_attention``, which the engine looks up per call) and, before each
+    call, computes :func:`~dit_sparse.patterns.attention_recall` of its layout on its q, k (tile order, as
+    the kernel gets them). ``seconds`` is the time spent on that, taken out of the generation's time."""
+
+    def __init__(self, enabled: bool = True, sync: bool = False):
+        self.enabled, self.sync = enabled, sync
+        self.values: list = []
+        self.seconds = 0.0
+        self._saved = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        import dit_sparse.kernels as kernels
+        from dit_sparse.patterns import attention_recall
+
+        self._saved = kernels.__dict__.get("block_sparse_attention")
+        real = kernels.block_sparse_attention
+
+        def measured(q, k, v, layout, *args, **kwargs):
+            start = self._clock()
+            with torch.no_grad():
+                self.values.append(attention_recall(layout, q, k, scale=kwargs.get("scale")).mean().float())
+            self.seconds += self._clock() - start
+            return real(q, k, v, layout, *args, **kwargs)
+
+        kernels.block_sparse_attention = measured
+        return self
+
+    def _clock(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            return False
+        import dit_sparse.kernels as kernels
+
+        if self._saved is None:
+            kernels.__dict__.pop("block_sparse_attention", None)  # back to the package's lazy lookup
+        else:
+            kernels.block_sparse_attention = self._saved
+        return False
+
+    @property
+    def recall(self) -> float | None:
+        """Mean recall over the measured calls (None when there were none)."""
+        if not self.values:
+            return None
+        return float(torch.stack(self.values).mean())
+
+
+def _record(name, prompt, seed, result, dense, meter: RecallMeter | None = None) -> dict:
+    overhead = meter.seconds if meter is not None else 0.0
     return {
         "preset": name,
         "prompt": prompt,
         "seed": seed,
-        "seconds": result.seconds,
+        "seconds": result.seconds - overhead,
+        "recall_seconds": overhead,
         "psnr_db": psnr(result.frames, dense.frames),
         "ssim": ssim(result.frames, dense.frames),
         **{name: _number(result.stats.get(key)) for name, key in STAT_KEYS.items()},
+        "recall": meter.recall if meter is not None else None,
+        "recall_calls": len(meter.values) if meter is not None else 0,
         "stats": result.stats,
     }
+
+
+def parse_variant(spec: str):
+    """``PRESET:FIELD=VALUE[:FIELD=VALUE...]`` (values in JSON; bare words as strings) -> the config."""
+    preset, *fields = spec.split(":")
+    if not fields:
+        raise CLIError(f"--variant {spec!r}: expected PRESET:FIELD=VALUE[:FIELD=VALUE...]")
+    base = resolve_preset(preset.strip())
+    changes = {}
+    for item in fields:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--variant {spec!r}: {item!r} is not FIELD=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        changes[key.strip()] = tuple(value) if isinstance(value, list) else value
+    try:
+        return dataclasses.replace(base, **changes)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"--variant {spec!r}: {' '.join(str(e).split())}") from e
 
 
 def _number(v) -> float | None:
@@ -141,7 +268,8 @@ def read_e2e_speedups(path: pathlib.Path) -> tuple[dict[str, float], str | None]
         name: float(r["speedup"]) for name, r in presets.items()
         if isinstance(r, dict) and isinstance(r.get("speedup"), (int, float)) and not isinstance(r["speedup"], bool)
     }
-    where = ", ".join(str(v) for v in (data.get("gpu"), wan.get("model"), "480p") if v)
+    date = str(data.get("date") or "")[:10]
+    where = ", ".join(str(v) for v in (data.get("gpu"), wan.get("model"), "480p", date) if v)
     return found, where
 
 
@@ -154,8 +282,9 @@ def _fmt(v, spec: str, missing: str = "-") -> str:
     return format(v, spec)
 
 
-def render_markdown(rows: list[dict], meta: dict, e2e: dict[str, float], e2e_where: str | None) -> str:
-    """The report as markdown: settings, the per-preset table, targets, and the plot."""
+def render_markdown(rows: list[dict], meta: dict, e2e: dict[str, float], e2e_where: str | None,
+                    variants: list[dict] | None = None) -> str:
+    """The report as markdown: settings, the per-preset table (then the variants'), targets, and the plot."""
     s = meta["settings"]
     lines = [
         "# Preset quality report",
@@ -165,44 +294,70 @@ def render_markdown(rows: list[dict], meta: dict, e2e: dict[str, float], e2e_whe
         f"{len(meta['seeds'])} seeds per preset. Generated {meta['date']} by `scripts/quality_report.py` "
         f"on {meta['machine']}.",
         "",
+        "Prompts: " + "; ".join(f"`{p}`" for p in meta["prompts"]) + ". Seeds: "
+        + ", ".join(str(v) for v in meta["seeds"]) + ".",
+        "",
         "PSNR and SSIM compare each video with the dense video of the same prompt and seed (mean over runs; "
-        "PSNR min is the worst run). Speed-up is end-to-end generation time vs dense on this machine.",
+        "PSNR min is the worst run). Speed-up is end-to-end generation time vs dense on this machine. "
+        "Density: share of the attention blocks computed on sparse steps, and over all steps (dense steps "
+        "count 1). Recall: share of the dense attention's softmax mass inside the kept blocks, mean over the "
+        "sparse attention calls.",
         "",
     ]
     header = ("| preset | time (s) | speed-up here | PSNR (dB) | PSNR min | SSIM | density (sparse steps) "
               "| density (all steps) | recall | target |")
     align = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    plain_header, plain_align = header, align
     if e2e:
-        header = header[:-1] + " GPU speed-up |"
+        header += " GPU speed-up |"
         align += "---:|"
     lines += [header, align]
-    for r in rows:
-        target = "-" if r["target_psnr_db"] is None else (
-            f"{'met' if r['meets_target'] else 'MISSED'} (>= {r['target_psnr_db']:.0f} dB)"
-        )
-        cells = [
-            r["preset"], _fmt(r["seconds"], ".2f"), _fmt(r["speedup"], ".2f", "-") + ("x" if r["speedup"] else ""),
-            _fmt(r["psnr_db"], ".2f"), _fmt(r["psnr_db_min"], ".2f"), _fmt(r["ssim"], ".4f"),
-            _fmt(r["density"], ".3f", "n/a"), _fmt(r["effective_density"], ".3f", "n/a"),
-            _fmt(r["recall"], ".3f", "n/a"), target,
-        ]
-        if e2e:
-            cells.append(f"{e2e[r['preset']]:.2f}x" if r["preset"] in e2e else "not measured")
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += [_table_row(r, e2e) for r in rows]
     lines.append("")
     if e2e:
         lines.append("GPU speed-up: from `benchmarks/e2e.json`" + (f" ({e2e_where})." if e2e_where else "."))
     else:
         lines.append("GPU speed-up: `benchmarks/e2e.json` not found; run `scripts/bench_e2e.py` on a GPU.")
+    notes = []
+    for r in rows:
+        if r["preset"] != REFERENCE and r["density"] is not None and r["density"] >= 0.999:
+            notes.append(f"`{r['preset']}` keeps every attention block at this size (density {r['density']:.3f}): "
+                         "its PSNR only shows that its path matches dense, not what its pattern costs at a size "
+                         "where it is sparse.")
+    if meta["settings"].get("device") == "cpu" or str(meta.get("machine", "")).startswith("CPU"):
+        notes.append("Times here are CPU times (dit-sparse's PyTorch fallback, not the GPU kernels) on a machine "
+                     "that may be shared: they vary from run to run; the GPU column is the speed that matters.")
+    for n in notes:
+        lines += ["", f"Note: {n}"]
+    if variants:
+        lines += ["", "Variants (a preset with changed config fields; not presets, no targets):", "",
+                  plain_header, plain_align]
+        lines += [_table_row(r, {}) for r in variants]
     lines += ["", "![speed vs quality](quality.png)", ""]
     return "\n".join(lines)
+
+
+def _table_row(r: dict, e2e: dict[str, float]) -> str:
+    target = "-" if r["target_psnr_db"] is None else (
+        f"{'met' if r['meets_target'] else 'MISSED'} (>= {r['target_psnr_db']:.0f} dB)"
+    )
+    cells = [
+        r["preset"], _fmt(r["seconds"], ".2f"), _fmt(r["speedup"], ".2f", "-") + ("x" if r["speedup"] else ""),
+        _fmt(r["psnr_db"], ".2f"), _fmt(r["psnr_db_min"], ".2f"), _fmt(r["ssim"], ".4f"),
+        _fmt(r["density"], ".3f", "n/a"), _fmt(r["effective_density"], ".3f", "n/a"),
+        _fmt(r["recall"], ".3f", "n/a"), target,
+    ]
+    if e2e:
+        cells.append(f"{e2e[r['preset']]:.2f}x" if r["preset"] in e2e else "not measured")
+    return "| " + " | ".join(cells) + " |"
 
 
 def plot(
     rows: list[dict], path: pathlib.Path, e2e: dict[str, float], targets: dict[str, float] = TARGETS_DB
 ) -> None:
     """Speed-up (x) vs PSNR (y) per preset, saved as PNG at ``path`` (dense, whose PSNR is inf, left out);
-    GPU speed-ups from ``e2e`` as a second series, PSNR ``targets`` as dotted lines."""
+    GPU speed-ups from ``e2e`` as a second series, PSNR ``targets`` as dotted lines. PSNRs above
+    ``PLOT_PSNR_CAP`` (videos equal to dense up to float noise) are drawn at the cap, marked ">=" ."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,13 +365,18 @@ def plot(
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     pts = [r for r in rows if r["speedup"] and math.isfinite(r["psnr_db"])]
-    ax.scatter([r["speedup"] for r in pts], [r["psnr_db"] for r in pts], label="this machine", color="tab:blue")
+    y = {r["preset"]: min(r["psnr_db"], PLOT_PSNR_CAP) for r in pts}
+    ax.scatter([r["speedup"] for r in pts], [y[r["preset"]] for r in pts], label="this machine", color="tab:blue")
     for r in pts:
-        ax.annotate(r["preset"], (r["speedup"], r["psnr_db"]), textcoords="offset points", xytext=(4, 4))
+        label = r["preset"] + (f" (>= {PLOT_PSNR_CAP:.0f} dB)" if r["psnr_db"] > PLOT_PSNR_CAP else "")
+        ax.annotate(label, (r["speedup"], y[r["preset"]]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     gpu = [r for r in pts if r["preset"] in e2e]
     if gpu:
-        ax.scatter([e2e[r["preset"]] for r in gpu], [r["psnr_db"] for r in gpu], marker="x", color="tab:red",
+        ax.scatter([e2e[r["preset"]] for r in gpu], [y[r["preset"]] for r in gpu], marker="x", color="tab:red",
                    label="GPU speed-up (e2e.json), same PSNR")
+        for r in gpu:
+            ax.annotate(r["preset"], (e2e[r["preset"]], y[r["preset"]]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7, color="tab:red")
     for name, target in targets.items():
         ax.axhline(target, color="grey", linestyle=":", linewidth=0.8)
         ax.annotate(f"{name} target", (0, target), xycoords=("axes fraction", "data"), fontsize=7, color="grey")
@@ -239,13 +399,42 @@ def _write_text(path: pathlib.Path, text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generation_options(p, prompt_required=False)
+    # None: the device-dependent defaults of the module docstring (CPU: 17 frames, seed 0, no warm-up).
+    p.set_defaults(frames=None)
+    for action in p._actions:
+        if action.dest == "frames":
+            action.help = f"number of frames (default: {CPU_FRAMES} for the default model on CPU, else 33)"
     p.add_argument("--presets", default=None, help="comma-separated presets (default: all but dense)")
-    p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="prompts to average over")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds to average over (default 0 1)")
+    p.add_argument("--prompts", nargs="+", default=None,
+                   help=f"prompts to average over (default: the {len(DEFAULT_PROMPTS)} built-in ones)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds to average over (default: 0 on CPU, 0 1 on CUDA)")
     p.add_argument("--out-dir", default="benchmarks", help="where quality.md/.json/.png go (default benchmarks)")
     p.add_argument("--e2e", default="benchmarks/e2e.json", help="GPU end-to-end benchmark to show beside")
-    p.add_argument("--no-warmup", action="store_true", help="skip the short warm-up run of each preset")
+    warm = p.add_mutually_exclusive_group()
+    warm.add_argument("--warmup", dest="warmup", action="store_true", default=None,
+                      help="a short warm-up run of each preset first (default on CUDA)")
+    warm.add_argument("--no-warmup", dest="warmup", action="store_false", help="no warm-up runs (default on CPU)")
+    p.add_argument("--no-recall", action="store_true", help="skip the attention recall measurement")
+    p.add_argument("--variant", action="append", default=[], metavar="PRESET:FIELD=VALUE[:FIELD=VALUE...]",
+                   help="also measure a preset with changed config fields (repeatable)")
+    p.add_argument("--render-from", default=None, metavar="QUALITY_JSON",
+                   help="generate nothing: write the report again from the runs in this quality.json (with the "
+                        "current --e2e file)")
     return p
+
+
+def resolve_defaults(args) -> None:
+    """Fill the device-dependent defaults (module docstring) into ``args`` in place."""
+    on_cpu = cli_run.GenerationSettings(device=args.device).resolved_device() == "cpu"
+    if args.frames is None:
+        args.frames = CPU_FRAMES if on_cpu and args.model == "default" else cli_run.GenerationSettings.frames
+    if args.prompts is None:
+        args.prompts = list(DEFAULT_PROMPTS)
+    if args.seeds is None:
+        args.seeds = list(CPU_SEEDS if on_cpu else GPU_SEEDS)
+    if args.warmup is None:
+        args.warmup = not on_cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,22 +447,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    if args.render_from:
+        return _render_only(args)
+    resolve_defaults(args)
     settings = settings_from_args(args)
     names = [n.strip() for n in args.presets.split(",")] if args.presets else preset_names()
     presets = [n for n in dict.fromkeys(names) if n and n != REFERENCE]
     for n in presets:
         resolve_preset(n)
+    variants = {spec: parse_variant(spec) for spec in dict.fromkeys(args.variant)}
     outputs = OutputSet(args.out_dir)
-    md_path, json_path, png_path = outputs.add("quality.md"), outputs.add("quality.json"), outputs.add("quality.png")
+    paths = outputs.add("quality.md"), outputs.add("quality.json"), outputs.add("quality.png")
     outputs.check()
 
     with outputs:
         pipe = load(settings)
         check_video_size(pipe, settings)
-        records = measure(pipe, settings, presets, args.prompts, args.seeds, not args.no_warmup, not args.no_progress)
+        records = measure(pipe, settings, presets, args.prompts, args.seeds, args.warmup, not args.no_progress,
+                          recall=not args.no_recall, variants=variants)
         targets = TARGETS_DB if settings.model == "default" else {}  # the targets are for the default model
-        rows = summarize(records, presets, targets)
-        e2e, e2e_where = read_e2e_speedups(pathlib.Path(args.e2e))
         info = versions()
         meta = {
             "settings": settings.to_dict(),
@@ -282,21 +474,61 @@ def _run(args) -> int:
             "date": datetime.date.today().isoformat(),
             "machine": info["cuda_device"] or f"CPU ({os.cpu_count()} cores)",
         }
-        _write_text(outputs.temp(md_path), render_markdown(rows, meta, e2e, e2e_where))
-        write_json(outputs.temp(json_path), clean_for_json({
-            **meta, "targets_psnr_db": targets, "presets": rows, "runs": records,
-            "e2e_speedups": e2e, "e2e_setting": e2e_where, "versions": info,
-        }))
-        plot(rows, outputs.temp(png_path), e2e, targets)
-        outputs.commit()
+        # One line on what was measured (scripts/record_preset_measurements.py copies it next to the numbers).
+        meta["setting"] = (
+            f"{'default model' if settings.model == 'default' else settings.model}, {settings.frames} frames "
+            f"{settings.height}x{settings.width}, {settings.steps} steps, {len(args.prompts)} prompt(s) x "
+            f"{len(args.seeds)} seed(s), {settings.resolved_device()} {settings.resolved_dtype()}, {meta['date']}"
+        )
+        rows = _write_outputs(outputs, paths, records, presets, list(variants), targets, meta, info, args.e2e)
+    return _print_summary(rows, paths)
 
+
+def _render_only(args) -> int:
+    """``--render-from quality.json``: the report again from its recorded runs, with the current e2e.json
+    (e.g. after a new GPU benchmark), without generating anything."""
+    try:
+        data = json.loads(pathlib.Path(args.render_from).read_text())
+        records = data["runs"]
+        presets = [r["preset"] for r in data["presets"] if r["preset"] != REFERENCE]
+        variants = [r["preset"] for r in data.get("variants", [])]
+        meta = {k: data[k] for k in ("settings", "prompts", "seeds", "date", "machine", "setting") if k in data}
+        targets, info = data.get("targets_psnr_db", {}), data.get("versions", {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CLIError(f"--render-from {args.render_from}: not a quality.json of this script ({e})") from e
+    for r in records:  # identical videos: PSNR inf, stored as null
+        if r.get("psnr_db") is None:
+            r["psnr_db"] = math.inf
+    outputs = OutputSet(args.out_dir)
+    paths = outputs.add("quality.md"), outputs.add("quality.json"), outputs.add("quality.png")
+    outputs.check()
+    with outputs:
+        rows = _write_outputs(outputs, paths, records, presets, variants, targets, meta, info, args.e2e)
+    return _print_summary(rows, paths)
+
+
+def _write_outputs(outputs, paths, records, presets, variants, targets, meta, info, e2e_path) -> list[dict]:
+    md_path, json_path, png_path = paths
+    rows = summarize(records, presets, targets)
+    variant_rows = summarize(records, variants, {})[1:] if variants else []
+    e2e, e2e_where = read_e2e_speedups(pathlib.Path(e2e_path))
+    _write_text(outputs.temp(md_path), render_markdown(rows, meta, e2e, e2e_where, variant_rows))
+    write_json(outputs.temp(json_path), clean_for_json({
+        **meta, "targets_psnr_db": targets, "presets": rows, "variants": variant_rows, "runs": records,
+        "e2e_speedups": e2e, "e2e_setting": e2e_where, "versions": info,
+    }))
+    plot(rows, outputs.temp(png_path), e2e, targets)
+    outputs.commit()
+    return rows + variant_rows
+
+
+def _print_summary(rows: list[dict], paths) -> int:
     for r in rows:
         print(f"{r['preset']:<10} {_fmt(r['speedup'], '.2f')}x  {_fmt(r['psnr_db'], '.2f')} dB  "
-              f"SSIM {_fmt(r['ssim'], '.4f')}" + ("" if r["meets_target"] is None else
-                                                  f"  target {'met' if r['meets_target'] else 'MISSED'}"))
-    print(f"wrote {md_path}, {json_path}, {png_path}")
+              f"SSIM {_fmt(r['ssim'], '.4f')}  recall {_fmt(r['recall'], '.3f', 'n/a')}"
+              + ("" if r["meets_target"] is None else f"  target {'met' if r['meets_target'] else 'MISSED'}"))
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

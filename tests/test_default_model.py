@@ -133,6 +133,152 @@ def test_build_default_pipeline_loads_shipped_weights_or_warns(pipe, tmp_path, m
         dm.build_default_pipeline(torch_dtype="float32")
 
 
+# ----------------------------------------------------------------------------------------- shipped weights
+# The shipped weights load and still generate what they generated when they were shipped: a small
+# fixed-seed dense generation (plain diffusers, fp32, CPU) is summarised by a few statistics and compared
+# with the ones stored next to the weights. Weights that silently fail to load (random init), load into
+# the wrong modules, a changed scheduler, VAE scaling or text path move these statistics by 1e-2 and
+# more (random transformer 0.28, the previous weights 0.58, flow shift 3 -> 2.5 0.017); float noise
+# (thread count) by less than 1e-7.
+#
+# After a retrain (or any intended change of what the model generates) regenerate the stored values:
+#     python tests/test_default_model.py --write-reference
+
+REFERENCE_FILE = "reference_stats.json"
+REFERENCE_SETTINGS = {
+    "prompt": PROMPT, "seed": 0, "num_frames": 9, "height": 64, "width": 64, "num_inference_steps": 4,
+    "guidance_scale": 4.0,
+}
+# Absolute tolerance on statistics of pixel values in [0, 1]: 2000x the float noise measured (< 1e-7,
+# 1 vs 2 threads), leaving room for other CPUs and BLAS builds. Measured maximum deviations (2026-11-30
+# weights): 1% multiplicative noise on the weights of one transformer block 1.0e-3 to 2.1e-3, of the VAE
+# decoder 2.4e-3, of the text encoder 1.7e-3; transformer weights rounded to bf16 7.9e-4; 0.1% noise on
+# the whole transformer 4.6e-4. test_reference_statistics_catch_perturbed_weights keeps one such case.
+REFERENCE_ATOL = 2e-4
+REGENERATE = "python tests/test_default_model.py --write-reference"
+
+
+def reference_statistics(p, settings: dict = REFERENCE_SETTINGS) -> dict:
+    """Statistics of one fixed-seed generation of ``p``: overall mean / std, per-RGB-channel mean / std,
+    per-frame mean and the per-channel means of the four image quadrants (all float, pixels in [0, 1])."""
+    s = dict(settings)
+    prompt, seed = s.pop("prompt"), s.pop("seed")
+    video = p(prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **s).frames[0]
+    v = np.asarray(video, dtype=np.float64)  # [F, H, W, 3]
+    f, h, w, c = v.shape
+    quadrants = v[:, : h // 2 * 2, : w // 2 * 2].reshape(f, 2, h // 2, 2, w // 2, c).mean(axis=(0, 2, 4))
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std()),
+        "channel_mean": v.mean(axis=(0, 1, 2)).tolist(),
+        "channel_std": v.std(axis=(0, 1, 2)).tolist(),
+        "frame_mean": v.mean(axis=(1, 2, 3)).tolist(),
+        "quadrant_channel_mean": quadrants.reshape(-1).tolist(),  # [top-left, top-right, bottom-...] x RGB
+    }
+
+
+def reference_mismatches(stats: dict, reference: dict, atol: float = REFERENCE_ATOL) -> list[str]:
+    """One line per statistic of ``reference`` that ``stats`` misses by more than ``atol`` (or lacks)."""
+    out = []
+    for key, ref in reference.items():
+        if key not in stats:
+            out.append(f"{key}: not computed")
+            continue
+        got, ref = np.atleast_1d(np.asarray(stats[key], float)), np.atleast_1d(np.asarray(ref, float))
+        if got.shape != ref.shape:
+            out.append(f"{key}: shape {got.shape}, stored {ref.shape}")
+        elif not np.all(np.abs(got - ref) <= atol):
+            out.append(f"{key}: max |difference| {np.abs(got - ref).max():.2e} > {atol:g} "
+                       f"(got {np.round(got, 5).tolist()}, stored {np.round(ref, 5).tolist()})")
+    return out
+
+
+def weight_fingerprints(folder: pathlib.Path) -> dict:
+    """sha256 (first 16 hex digits) of every safetensors file under ``folder``."""
+    import hashlib
+
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+        for f in sorted(folder.rglob("*.safetensors"))
+    }
+
+
+def load_folder(folder: pathlib.Path):
+    """A model folder as the package loads the shipped one (``build_default_pipeline``: fp32, CPU)."""
+    from diffusers import WanPipeline
+
+    from dit_sparse.pipelines._dtype import dtype_kwargs
+
+    p = WanPipeline.from_pretrained(str(folder), local_files_only=True, **dtype_kwargs(torch.float32))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def write_reference(folder: pathlib.Path) -> dict:
+    """Compute the reference statistics of the model in ``folder`` and store them in its reference file."""
+    import diffusers
+
+    torch.set_num_threads(1)  # as in the tests (the statistics agree to ~1e-6 across thread counts anyway)
+    data = {
+        "about": "statistics of a fixed-seed dense generation with these weights; checked by "
+                 "tests/test_default_model.py (test_shipped_weights_match_the_reference_statistics)",
+        "regenerate": REGENERATE,
+        "settings": REFERENCE_SETTINGS,
+        "stats": {k: np.round(v, 7).tolist() for k, v in reference_statistics(load_folder(folder)).items()},
+        "weights_sha256": weight_fingerprints(folder),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+    }
+    path = folder / REFERENCE_FILE
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return data
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not dm.has_shipped_weights():
+        pytest.fail(f"no default model is shipped in {dm.default_model_path()}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "RANDOM weights" fallback
+        p = dm.build_default_pipeline()
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_shipped_weights_match_the_reference_statistics(shipped):
+    folder = dm.default_model_path()
+    path = folder / REFERENCE_FILE
+    assert path.is_file(), f"{path} is missing; write it with `{REGENERATE}`"
+    stored = json.loads(path.read_text())
+    assert stored["settings"] == REFERENCE_SETTINGS, f"the reference settings changed; rerun `{REGENERATE}`"
+    assert shipped.transformer.dtype == torch.float32
+    mismatches = reference_mismatches(reference_statistics(shipped), stored["stats"])
+    if mismatches:
+        same = weight_fingerprints(folder) == stored.get("weights_sha256")
+        why = ("the weight files are the ones the reference was written for, so loading or generation changed"
+               if same else f"the weight files changed since the reference was written; if that is intended "
+               f"(a retrain), check the new samples and rerun `{REGENERATE}`")
+        pytest.fail("the shipped default model no longer generates its reference video (" + why + "):\n  "
+                    + "\n  ".join(mismatches))
+
+
+def test_reference_statistics_catch_perturbed_weights(shipped):
+    stored = json.loads((dm.default_model_path() / REFERENCE_FILE).read_text())["stats"]
+    # 1% multiplicative noise on the weights of one transformer block: a small but real corruption.
+    block = shipped.transformer.blocks[2]
+    saved = {k: t.clone() for k, t in block.state_dict().items()}
+    gen = torch.Generator().manual_seed(1234)
+    try:
+        with torch.no_grad():
+            for t in block.parameters():
+                t.mul_(1 + 0.01 * torch.randn(t.shape, generator=gen))
+        mismatches = reference_mismatches(reference_statistics(shipped), stored)
+    finally:
+        block.load_state_dict(saved)
+    assert mismatches, "1% noise on one transformer block's weights went unnoticed: REFERENCE_ATOL is too loose"
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
 
@@ -349,3 +495,18 @@ def test_vae_initialisation_for_training_passes_the_signal(train_script, pipe):
     # Different videos decode clearly differently from the start (0.17 here; 0.04 without this
     # initialisation, where the decoder nearly ignores its input and training drifts to a constant output).
     assert float(rec.std(dim=0).mean()) > 0.1
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the reference statistics of the default model "
+                                     "(pipelines/default_model/reference_stats.json) after a retrain.")
+    parser.add_argument("--write-reference", action="store_true", required=True,
+                        help="compute the statistics with the weights in the folder and store them there")
+    parser.add_argument("--model-dir", type=pathlib.Path, default=ROOT / "pipelines" / "default_model",
+                        help="model folder (default: pipelines/default_model of this checkout)")
+    args = parser.parse_args()
+    written = write_reference(args.model_dir)
+    print(json.dumps(written["stats"], indent=1))
+    print(f"wrote {args.model_dir / REFERENCE_FILE}")
