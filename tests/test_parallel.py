@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import types
 
 import pytest
@@ -27,6 +26,7 @@ from dit_sparse import parallel
 from dit_sparse.config import SparseAttentionConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _ulysses_harness import assert_close, run_ranks_and_single, save_rank_result  # noqa: E402
 
 WORLD = 2
 STEPS = (900.0, 700.0, 500.0, 300.0)  # fast preset: dense warm-up, then compute / reuse alternating
@@ -111,35 +111,16 @@ def _worker(rank, world, out_dir):
     torch.set_num_threads(1)
     results = _cases((rank, world))
     results["ring_errors"] = _ring_errors(rank, world)
-    path = os.path.join(out_dir, f"rank{rank}.pt")
-    torch.save(results, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_rank_result(results, out_dir, rank)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("ulysses"))
     # The single-process references are computed while the spawned ranks start up (imports dominate).
-    failure = []
-
-    def run_ranks():
-        try:
-            parallel.launch(_worker, WORLD, out_dir)
-        except Exception as e:  # re-raised in the test thread below
-            failure.append(e)
-
-    thread = threading.Thread(target=run_ranks)
-    thread.start()
-    single = _cases()
-    thread.join()
-    if failure:
-        raise failure[0]
-    ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-    return ranks, single
+    return run_ranks_and_single(_worker, WORLD, str(tmp_path_factory.mktemp("ulysses")), _cases)
 
 
-def _close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+_close = assert_close
 
 
 # ---------------------------------------------------------------------------------------------- distributed
