@@ -148,7 +148,10 @@ def generate(pipe, settings: GenerationSettings, preset: str, progress: bool = T
     except ValueError as e:
         raise CLIError(f"cannot apply preset '{preset}': {_one_line(e)}") from e
     step_times: list[float] = []
-    bar = tqdm(total=settings.steps, desc=f"{preset}", unit="step", disable=not progress, leave=False)
+    # Every denoising step redraws the bar (a step takes far longer than a redraw); tqdm's default
+    # throttling would skip ticks of fast steps, and the last one before the bar is cleared.
+    bar = tqdm(total=settings.steps, desc=f"{preset}", unit="step", disable=not progress, leave=False,
+               mininterval=0, miniters=1)
     last = [0.0]
 
     def on_step_end(_pipe, _step, _timestep, callback_kwargs):
