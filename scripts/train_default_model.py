@@ -258,6 +258,19 @@ def is_oom(err: BaseException) -> bool:
 # ----------------------------------------------------------------------------------------------- VAE phase
 
 
+def halved_batch_after_oom(err: RuntimeError, batch: int, opt, phase: str) -> int:
+    """The batch size to retry a training step with after ``err``: half of ``batch`` when ``err`` is a
+    CUDA out-of-memory error (gradients dropped, cache emptied); any other error, or one at batch 1, is
+    raised again."""
+    if not is_oom(err) or batch == 1:
+        raise err
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    batch = max(1, batch // 2)
+    print(f"{phase}: out of memory, batch size now {batch}", flush=True)
+    return batch
+
+
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     """``vae.decode(z)`` [N, 3, F, H, W] before its final clamp to [-1, 1].
 
@@ -350,12 +363,7 @@ def train_vae(vae, cfg: TrainConfig, device, amp: bool, log: TrainLog) -> dict:
             torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
             opt.step()
         except RuntimeError as err:
-            if not is_oom(err) or batch == 1:
-                raise
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            batch = max(1, batch // 2)
-            print(f"VAE: out of memory, batch size now {batch}", flush=True)
+            batch = halved_batch_after_oom(err, batch, opt, "VAE")
             continue
         log.add("vae", step, loss, lr, l1=l1, kl=kl)
         step += 1
@@ -494,12 +502,7 @@ def train_transformer(components, cfg: TrainConfig, device, amp: bool, log: Trai
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
         except RuntimeError as err:
-            if not is_oom(err) or batch == 1:
-                raise
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            batch = max(1, batch // 2)
-            print(f"transformer: out of memory, batch size now {batch}", flush=True)
+            batch = halved_batch_after_oom(err, batch, opt, "transformer")
             continue
         ema_update(ema, [p.detach().float() for p in params], min(cfg.ema_decay, (1 + step) / (10 + step)))
         log.add("transformer", step, loss, lr)

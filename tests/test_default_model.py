@@ -21,13 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPT = "a red circle moving left on a blue background"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: extra threads only add contention on a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -510,3 +504,16 @@ if __name__ == "__main__":
     written = write_reference(args.model_dir)
     print(json.dumps(written["stats"], indent=1))
     print(f"wrote {args.model_dir / REFERENCE_FILE}")
+
+
+def test_out_of_memory_halves_the_batch_and_other_errors_propagate(train_script):
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.ones(2)
+    opt = torch.optim.SGD([param], lr=0.1)
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert train_script.halved_batch_after_oom(oom, 32, opt, "VAE") == 16
+    assert param.grad is None  # the failed step's gradients are dropped
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        train_script.halved_batch_after_oom(oom, 1, opt, "VAE")  # nothing left to halve
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        train_script.halved_batch_after_oom(RuntimeError("shape mismatch"), 32, opt, "VAE")

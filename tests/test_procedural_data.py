@@ -24,13 +24,7 @@ from dit_sparse.data import (
 from dit_sparse.data.vocabulary import COLORS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: extra threads only add contention on a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_specs_are_deterministic_per_seed_and_index():
