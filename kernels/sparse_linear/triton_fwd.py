@@ -13,6 +13,11 @@
    then in the same program ``o_linear = phi(Q_i) R_i / (max(phi(Q_i) . r_i, 0) + eps)`` - one MMA per
    query block.
 
+Tried and dropped (H200, Wan-480p, 5% critical blocks, 2026-11-30): a separate launch that sums each
+query block's complement in registers and writes ``o_linear`` directly (no stored ``R_i``, no epilogue in
+the attention kernel): 0.36 ms for that launch against 0.17 + 0.17 ms for pre-pass + epilogue, so no gain
+(whole forward 1.40 vs 1.39 ms); gathering several critical blocks per step in it made it slower (0.54 ms).
+
 The log-sum-exp is the block-sparse kernel's (natural log, ``-inf`` for rows without critical blocks);
 the backward hands it to the block-sparse backward unchanged.
 """

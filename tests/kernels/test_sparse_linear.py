@@ -240,3 +240,14 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     q, k, v, layout = _good()
     with pytest.raises(ValueError, match="backend='torch' on CPU"):
         sparse_linear_attention(q, k, v, layout, backend="triton")
+
+
+def test_state_mma_takes_bf16_operands_only_for_unweighted_bf16_inputs():
+    # bf16 operands (GPU only; the interpreter's bf16 dot is wrong) for the forward's K / V states; the
+    # backward's weighted dO / den and fp16 / fp32 inputs keep the fp32 MMA.
+    from dit_sparse.kernels.sparse_linear.triton_state import lowp_dot
+
+    assert lowp_dot(torch.zeros(1, dtype=torch.bfloat16), has_weights=False)
+    assert not lowp_dot(torch.zeros(1, dtype=torch.bfloat16), has_weights=True)
+    for dtype in (torch.float16, torch.float32):
+        assert not lowp_dot(torch.zeros(1, dtype=dtype), has_weights=False)
