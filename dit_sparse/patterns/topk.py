@@ -9,6 +9,13 @@ Two rules, exactly one per pattern:
   the short tail block does not count as much as a full one. ``threshold=1`` keeps every block.
 
 Both keep at least ``min_blocks``.
+
+Two implementations of one selection. With the Triton backend (CUDA tensors, or ``TRITON_INTERPRET=1``)
+a build is two launches (:mod:`dit_sparse.kernels.block_score.topk_layout`: pool q and k, then score and
+select straight into the layout or mask); otherwise the PyTorch chain (``block_scores``, then
+``topk`` / ``sort`` or :meth:`TopK.select`). Both keep the same blocks, up to scores that tie within
+fp32 rounding (the fused path skips the key-mean centring, which shifts each row's logits by a constant
+and so changes no selection, and breaks exact ties by the lower block index).
 """
 
 from __future__ import annotations
@@ -61,10 +68,33 @@ class TopK(Pattern):
 
         return block_scores(q, k, ctx.block_q, ctx.block_kv, scale=self.scale)  # [B, H, Mq, Mk]
 
+    def _fused(self, ctx: PatternContext, q) -> bool:
+        """Whether builds take the fused Triton path (decided from the device and shapes only)."""
+        from ..kernels.block_score.topk_layout import fused_topk_supported
+
+        return fused_topk_supported(q, cdiv(ctx.seq_len, ctx.block_kv))
+
+    def _rule(self) -> dict:
+        return dict(ratio=self.ratio, threshold=self.threshold, min_blocks=self.min_blocks, scale=self.scale)
+
     def _mask(self, ctx: PatternContext, q, k) -> torch.Tensor:
+        if self._fused(ctx, q):
+            from ..kernels.block_score.topk_layout import topk_block_mask
+
+            return topk_block_mask(q, k, ctx.block_q, ctx.block_kv, **self._rule())
         return self.select(self._scores(ctx, q, k), ctx.seq_len, ctx.block_kv)
 
     def _build(self, ctx: PatternContext, q, k) -> BlockLayout:
+        if self._fused(ctx, q):
+            from ..kernels.block_score.topk_layout import topk_layout
+
+            counts, indices = topk_layout(q, k, ctx.block_q, ctx.block_kv, **self._rule())
+            return BlockLayout(counts, indices, ctx.seq_len, ctx.seq_len, ctx.block_q, ctx.block_kv)
+        return self._build_chain(ctx, q, k)
+
+    def _build_chain(self, ctx: PatternContext, q, k) -> BlockLayout:
+        """The PyTorch-selection build (``block_scores`` then top-k / select): the path off the Triton
+        backend, and the baseline ``scripts/bench_topk_build.py`` times the fused build against."""
         scores = self._scores(ctx, q, k)
         if self.ratio is None:
             return ctx.layout_from_mask(self.select(scores, ctx.seq_len, ctx.block_kv))

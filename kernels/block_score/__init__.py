@@ -4,6 +4,8 @@ pattern cache's drift check).
 
 * ``api.py``          - :func:`block_scores` (validation, backend dispatch)
 * ``pool_score.py``   - Triton kernels + launchers (mean pooling, pooled scoring)
+* ``topk_layout.py``  - fused top-k selection straight into a block layout / mask (what ``TopK`` builds
+  with on the Triton backend), with its per-row reference
 * ``torch_backend.py``- vectorised PyTorch path for CPU
 * ``naive.py``        - readable fp32 reference for tests
 """

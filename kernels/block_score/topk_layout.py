@@ -1,0 +1,382 @@
+"""Fused top-k block selection: from q and k ``[B, H, S, D]`` straight to a
+:class:`~dit_sparse.block_layout.BlockLayout` (``kv_counts`` / ``kv_indices``) or a bool block mask, in two
+launches instead of the ~15 small ones of ``block_scores`` + ``topk`` + ``sort`` + index assignment.
+
+* ``_pool_qk_kernel``      - one launch pools q AND k (grid axis 2 picks the tensor; each branch inlines
+  the same pooling helper, so q and k may differ in dtype, strides, length and block size). Pooled
+  tensors are written transposed, fp32 ``[B, H, D, M]``, so the select kernel reads a row of M contiguous
+  values per head dimension.
+* ``_topk_select_kernel``  - one program per (BM query blocks, batch*head): scores the BM pooled queries
+  against all Mk pooled keys (IEEE fp32 multiply-adds over the head dim, no TF32), selects the kept key
+  blocks and writes ``kv_counts`` + the ascending kept indices followed by zero padding (or the bool
+  mask row).
+
+Selection without a sort. Each key block gets a unique int64 key: the order-preserving integer image of
+its fp32 logit in the high bits, ``BN - 1 - j`` in the low bits, so a larger key means "earlier in the
+order (logit descending, lower block index first on ties)". A block is kept iff
+``P(key_j)`` holds, with the monotone predicate
+
+    P(v) = count(key > v) < n_floor   or   mass(key > v) < threshold * total mass
+
+(ratio rule: ``n_floor = n``, no mass term; threshold rule: ``n_floor = min(min_blocks, Mk)``, or Mk when
+``threshold >= 1``). ``count(key > key_j)`` is block j's rank and ``mass(key > key_j)`` the softmax
+mass before it, so this is exactly ``TopK.select``'s rule, and since P is monotone the kept set is
+``{j : key_j >= v0}`` with ``v0`` the smallest value satisfying P: a per-row binary search over the key
+range (32 + log2(BN) steps of one compare and one or two row sums). Compaction is a prefix sum in block
+order: kept block j goes to slot ``#kept before j``, dropped block j writes 0 to slot
+``count + #dropped before j``, so every slot of the row is written exactly once.
+
+Numerics, against ``TopK``'s PyTorch path (``block_scores`` then ``select``):
+
+* no key-mean centring: ``block_scores`` subtracts the mean key, which shifts every logit of a row
+  (query block) by the same constant; top-k ranking and softmax masses are shift-invariant, so neither
+  rule's selection changes, and the fused path skips it (no extra pass over the pooled keys). Only
+  rounding differs: fp32 rounding of the uncentred dot products, which can swap blocks whose scores tie
+  to that precision;
+* exact ties (equal fp32 logits): the lower block index wins (``torch.topk`` / ``torch.sort`` leave the
+  order of ties unspecified, so only the kept scores are comparable there);
+* threshold rule: logits ``score + log(length / block_kv)`` in fp32 (only the short tail block gets a
+  term), ``exp`` in fp32, masses summed and compared with the threshold in fp64 (the threshold is passed
+  as its fp64 bit pattern): an fp32 running sum can reach a threshold near 1 several blocks early, which
+  is why ``TopK.select`` uses fp64 too.
+
+Pooling q and k in one launch costs nothing in complexity (one branch on a program id, the same helper
+in both branches), so it is fused; the score + select kernel cannot absorb the pooling, since every
+program needs all pooled keys of its head.
+
+Limits: ``Mk <= MAX_KV_BLOCKS`` (one row of keys is one register tile). ``TopK`` takes this path only up
+to ``FUSED_MAX_KV_BLOCKS`` key blocks, where it measured faster than the PyTorch chain.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from .api import _check, _use_triton
+
+__all__ = [
+    "MAX_KV_BLOCKS",
+    "FUSED_MAX_KV_BLOCKS",
+    "fused_topk_supported",
+    "topk_layout",
+    "topk_block_mask",
+    "pool_qk_triton",
+    "topk_select_triton",
+    "naive_topk_layout",
+]
+
+#: Most key blocks a row may have (4096 blocks of 128 tokens: 524K-token sequences).
+MAX_KV_BLOCKS = 4096
+# Where TopK picks the fused build. Measured on an H200 (2026-11-30): at Wan-480p (Mk = 256) the fused build
+# takes 0.21 ms against 0.63 ms for the PyTorch chain; at Hunyuan-720p (Mk = 929) the select kernel took
+# 7.2 ms against 2.8 ms for the whole chain, so longer rows take the chain.
+FUSED_MAX_KV_BLOCKS = 512
+# Elements of the [BM, BN] register tile of the select kernel (query rows x key blocks).
+_TILE_ELEMENTS = 8192
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------- pooling
+@triton.jit
+def _pool_tile(
+    x_ptr, out_ptr, S, D, H, M, BLOCK,
+    stride_b, stride_h, stride_s, stride_d,
+    BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+):
+    # Mean of BM consecutive blocks of one (batch, head), as pool_score._mean_pool_kernel, stored
+    # transposed: out[bh, d, m]. Programs past M do nothing (all masked).
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    blocks = i_m * BM + tl.arange(0, BM)
+    starts = blocks * BLOCK
+    ends = tl.minimum(starts + BLOCK, S)
+    offs_t = tl.arange(0, BT)
+    offs_d = tl.arange(0, BD)
+    base = x_ptr + i_b * stride_b + i_h * stride_h
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    for off in range(0, BLOCK, BT):
+        rows = starts[:, None] + off + offs_t[None, :]  # [BM, BT]
+        row_ok = (rows < ends[:, None]) & (blocks[:, None] < M)
+        ptrs = base + rows[:, :, None].to(tl.int64) * stride_s + offs_d[None, None, :] * stride_d
+        mask = row_ok[:, :, None] & (offs_d[None, None, :] < D)
+        acc += tl.sum(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), axis=1)
+    lengths = tl.maximum(ends - starts, 1).to(tl.float32)
+    acc = acc / lengths[:, None]
+    out = out_ptr + i_bh.to(tl.int64) * D * M + offs_d[None, :] * M + blocks[:, None]
+    tl.store(out, acc, mask=(blocks[:, None] < M) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _pool_qk_kernel(
+    q_ptr, k_ptr, qt_ptr, kt_ptr,
+    Sq, Sk, D, H, Mq, Mk, BLOCK_Q, BLOCK_K,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd,
+    BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+):
+    # Grid (blocks / BM, B*H, 2): axis 2 picks q (0) or k (1). One launch for both poolings.
+    if tl.program_id(2) == 0:
+        _pool_tile(q_ptr, qt_ptr, Sq, D, H, Mq, BLOCK_Q, sqb, sqh, sqs, sqd, BM, BT, BD)
+    else:
+        _pool_tile(k_ptr, kt_ptr, Sk, D, H, Mk, BLOCK_K, skb, skh, sks, skd, BM, BT, BD)
+
+
+# ---------------------------------------------------------------------------------------------- select
+@triton.jit
+def _topk_select_kernel(
+    qt_ptr, kt_ptr, counts_ptr, out_ptr,
+    Mq, Mk, D, scale, tail_log, n_floor, threshold_bits,
+    THRESHOLD: tl.constexpr, OUT_MASK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, LOG_BN: tl.constexpr, DU: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    rows = i_m * BM + tl.arange(0, BM)
+    cols = tl.arange(0, BN)
+    row_ok = rows < Mq
+    col_ok = cols < Mk
+
+    # Scores [BM, BN]: rank-1 updates over the head dim, IEEE fp32 (pooled tensors are [BH, D, M]).
+    q_base = qt_ptr + i_bh * D * Mq
+    k_base = kt_ptr + i_bh * D * Mk
+    # DU head dims per step, unrolled: their loads issue together instead of one L2 round trip each.
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for d0 in range(0, D, DU):
+        for dd in tl.static_range(DU):
+            d = d0 + dd
+            qd = tl.load(q_base + d * Mq + rows, mask=row_ok & (d < D), other=0.0)
+            kd = tl.load(k_base + d * Mk + cols, mask=col_ok & (d < D), other=0.0)
+            acc += qd[:, None] * kd[None, :]
+    logit = acc * scale
+    if THRESHOLD:
+        # Mass weighted by block length: only the tail block differs (softmax is shift-invariant).
+        logit = logit + tl.where(cols == Mk - 1, tail_log, 0.0)[None, :]
+    logit = tl.where(logit == 0.0, 0.0, logit)  # -0.0 -> +0.0: equal logits must get equal keys
+
+    # Unique, order-preserving int64 keys: larger = earlier (logit descending, then lower index).
+    bits = logit.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (ordered.to(tl.int64) << LOG_BN) | (BN - 1 - cols)[None, :].to(tl.int64)
+    big: tl.constexpr = 0x7FFFFFFFFFFFFFFF
+    key = tl.where(col_ok[None, :], key, -big)  # padding lanes: below every real key, never counted
+    lo = tl.min(tl.where(col_ok[None, :], key, big), axis=1)
+    hi = tl.max(key, axis=1)
+    if THRESHOLD:
+        row_max = tl.max(tl.where(col_ok[None, :], logit, float("-inf")), axis=1)
+        e = tl.where(col_ok[None, :], tl.exp(logit - row_max[:, None]), 0.0).to(tl.float64)
+        threshold = threshold_bits.to(tl.float64, bitcast=True)  # passed as the fp64's bits: exact
+        target = threshold * tl.sum(e, axis=1)  # fp64: mass(key > v) < threshold * total
+
+    # Smallest v in [lo, hi] with P(v). P(hi) holds (no key above the largest; n_floor >= 1) and hi only
+    # moves to values where P holds, so once lo == hi nothing changes: no per-row convergence test.
+    for _ in range(0, 33 + LOG_BN):
+        mid = lo + ((hi - lo) >> 1)
+        above = key > mid[:, None]
+        ok = tl.sum(above.to(tl.int32), axis=1) < n_floor
+        if THRESHOLD:
+            ok = ok | (tl.sum(tl.where(above, e, 0.0), axis=1) < target)
+        hi = tl.where(ok, mid, hi)
+        lo = tl.where(ok, lo, mid + 1)
+
+    kept = key >= lo[:, None]  # padding lanes hold -big < lo
+    row_base = (i_bh * Mq + rows).to(tl.int64) * Mk
+    io_mask = row_ok[:, None] & col_ok[None, :]
+    if OUT_MASK:
+        tl.store(out_ptr + row_base[:, None] + cols[None, :], kept.to(tl.uint8), mask=io_mask)
+    else:
+        kept_i = kept.to(tl.int32)
+        count = tl.sum(kept_i, axis=1)
+        before = tl.cumsum(kept_i, axis=1)  # inclusive: kept blocks up to and including j
+        slot = tl.where(kept, before - 1, count[:, None] + cols[None, :] - before)
+        value = tl.where(kept, cols[None, :], 0)
+        tl.store(out_ptr + row_base[:, None] + slot, value, mask=io_mask)
+        tl.store(counts_ptr + i_bh * Mq + rows, count, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def _f64_bits(x: float) -> int:
+    # Triton passes Python floats as fp32; the threshold goes as the int64 bit pattern of its fp64.
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int):
+    """Block means of q and k in one launch: ``[B, H, S, D]`` (any strides, dtypes) -> fp32 contiguous
+    ``[B, H, D, Mq]`` and ``[B, H, D, Mk]`` (transposed; tail blocks averaged over their true length)."""
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    mq, mk = _cdiv(sq, block_q), _cdiv(sk, block_kv)
+    qt = torch.empty(b, h, d, mq, device=q.device, dtype=torch.float32)
+    kt = torch.empty(b, h, d, mk, device=q.device, dtype=torch.float32)
+    bd = triton.next_power_of_2(d)
+    # As mean_pool_triton: a [BM blocks, BT rows, BD dims] tile of about 8K elements per step.
+    bt = max(1, min(triton.next_power_of_2(max(block_q, block_kv)), 8192 // bd, 64))
+    bm = max(1, min(triton.next_power_of_2(max(mq, mk)), 8192 // (bd * bt), 64))
+    _pool_qk_kernel[(_cdiv(max(mq, mk), bm), b * h, 2)](
+        q, k, qt, kt, sq, sk, d, h, mq, mk, block_q, block_kv, *q.stride(), *k.stride(), BM=bm, BT=bt, BD=bd,
+    )
+    return qt, kt
+
+
+def topk_select_triton(
+    q_t: torch.Tensor, k_t: torch.Tensor, kv_len: int, block_kv: int, scale: float, n_floor: int,
+    threshold: float | None, out_mask: bool = False,
+):
+    """Select from transposed pooled tensors (:func:`pool_qk_triton`): fp32 ``[B, H, D, Mq]``,
+    ``[B, H, D, Mk]``. Keeps per row the longest prefix of the order (logit descending, lower index first)
+    whose blocks have rank < ``n_floor`` or softmax mass before them < ``threshold`` (None: rank only).
+
+    Returns ``(kv_counts int32 [B, H, Mq], kv_indices int32 [B, H, Mq, Mk])``, or with ``out_mask`` a bool
+    ``[B, H, Mq, Mk]`` mask.
+    """
+    b, h, d, mq = q_t.shape
+    mk = k_t.shape[3]
+    bn = max(16, triton.next_power_of_2(mk))
+    # Up to 16 query rows per program (each program reads all Mk pooled keys, so more rows = less L2
+    # traffic), within a register tile of _TILE_ELEMENTS; ~16 tile elements per thread.
+    bm = max(1, min(16, _TILE_ELEMENTS // bn, triton.next_power_of_2(mq)))
+    num_warps = max(4, min(16, bm * bn // 512))
+    tail = kv_len - block_kv * (mk - 1)
+    tail_log = math.log(tail / block_kv)
+    dev = q_t.device
+    if out_mask:
+        out = torch.empty(b, h, mq, mk, device=dev, dtype=torch.uint8)
+        counts = out  # unused by the kernel in mask mode
+    else:
+        out = torch.empty(b, h, mq, mk, device=dev, dtype=torch.int32)
+        counts = torch.empty(b, h, mq, device=dev, dtype=torch.int32)
+    _topk_select_kernel[(_cdiv(mq, bm), b * h)](
+        q_t, k_t, counts, out, mq, mk, d, float(scale), float(tail_log), int(n_floor),
+        _f64_bits(threshold if threshold is not None else 0.5),
+        THRESHOLD=threshold is not None, OUT_MASK=out_mask, BM=bm, BN=bn, LOG_BN=bn.bit_length() - 1,
+        DU=min(8, triton.next_power_of_2(d)), num_warps=num_warps,
+    )
+    if out_mask:
+        return out.view(torch.bool)
+    return counts, out
+
+
+# ---------------------------------------------------------------------------------------------- public
+def fused_topk_supported(q: torch.Tensor, num_kv_blocks: int) -> bool:
+    """Whether ``TopK`` builds through :func:`topk_layout` for ``q``: CUDA or ``TRITON_INTERPRET=1``,
+    Triton importable, and at most :data:`FUSED_MAX_KV_BLOCKS` key blocks (where it is the faster path;
+    the kernel itself takes up to :data:`MAX_KV_BLOCKS`)."""
+    return num_kv_blocks <= FUSED_MAX_KV_BLOCKS and _use_triton(q, "auto")
+
+
+def _keep_rule(mk: int, ratio, threshold, min_blocks) -> tuple[int, float | None]:
+    """(n_floor, threshold or None) of the kernel for TopK's rules (see the module docstring)."""
+    if (ratio is None) == (threshold is None):
+        raise ValueError("pass exactly one of ratio= (fraction of key blocks) or threshold= (softmax mass)")
+    for what, v in (("ratio", ratio), ("threshold", threshold)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
+            raise ValueError(f"{what} must be in (0, 1], got {v!r}")
+    if not isinstance(min_blocks, int) or isinstance(min_blocks, bool) or min_blocks < 1:
+        raise ValueError(f"min_blocks must be an int >= 1, got {min_blocks!r}")
+    floor = min(min_blocks, mk)
+    if ratio is not None:  # the same expression as TopK._ratio_count
+        return max(floor, min(mk, math.ceil(float(ratio) * mk))), None
+    if threshold >= 1.0:  # every block carries some mass: all of it needs all of them
+        return mk, None
+    return floor, float(threshold)
+
+
+def _run(q, k, block_q, block_kv, ratio, threshold, min_blocks, scale, out_mask):
+    _check(q, k, block_q, block_kv, "triton")
+    _use_triton(q, "triton")  # raises on CPU tensors without the interpreter
+    mk = _cdiv(k.shape[2], block_kv)
+    if mk > MAX_KV_BLOCKS:
+        raise ValueError(
+            f"{mk} key blocks (kv_len {k.shape[2]} / block_kv {block_kv}) exceed the fused top-k kernel's "
+            f"{MAX_KV_BLOCKS}; use a larger block_kv, or block_scores + TopK.select (PyTorch selection)"
+        )
+    n_floor, thr = _keep_rule(mk, ratio, threshold, min_blocks)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    q_t, k_t = pool_qk_triton(q, k, block_q, block_kv)
+    return topk_select_triton(q_t, k_t, k.shape[2], block_kv, float(scale), n_floor, thr, out_mask)
+
+
+def topk_layout(
+    q: torch.Tensor, k: torch.Tensor, block_q: int = 128, block_kv: int = 128, *, ratio: float | None = None,
+    threshold: float | None = None, min_blocks: int = 1, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k block layout of :class:`~dit_sparse.patterns.TopK` in two launches (pool q+k, score+select).
+
+    Args:
+        q, k: ``[B, H, Sq, D]``, ``[B, H, Sk, D]``, CUDA (or CPU under ``TRITON_INTERPRET=1``), any float
+            dtype and strides.
+        block_q, block_kv: tokens per query / key block (tail blocks are averaged over their length).
+        ratio: keep ``max(min(min_blocks, Mk), min(Mk, ceil(ratio * Mk)))`` blocks with the highest scores.
+        threshold: keep the fewest blocks whose softmax mass over ``score + log(block length)`` reaches
+            ``threshold``, at least ``min_blocks`` (``threshold >= 1`` keeps all). Exactly one rule.
+        min_blocks: floor on the kept count (capped by Mk).
+        scale: logit scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``kv_counts`` int32 ``[B, H, Mq]`` and ``kv_indices`` int32 ``[B, H, Mq, Mk]`` (kept blocks ascending,
+        then zeros), as :class:`~dit_sparse.block_layout.BlockLayout` takes them. No host sync.
+
+    Example::
+
+        counts, indices = topk_layout(q, k, 128, 128, ratio=0.1)
+        layout = BlockLayout(counts, indices, q.shape[2], k.shape[2], 128, 128)
+    """
+    return _run(q, k, block_q, block_kv, ratio, threshold, min_blocks, scale, out_mask=False)
+
+
+def topk_block_mask(
+    q: torch.Tensor, k: torch.Tensor, block_q: int = 128, block_kv: int = 128, *, ratio: float | None = None,
+    threshold: float | None = None, min_blocks: int = 1, scale: float | None = None,
+) -> torch.Tensor:
+    """The same selection as :func:`topk_layout` as a bool block mask ``[B, H, Mq, Mk]`` (for unions of
+    patterns, which OR masks before building one layout)."""
+    return _run(q, k, block_q, block_kv, ratio, threshold, min_blocks, scale, out_mask=True)
+
+
+# ---------------------------------------------------------------------------------------------- reference
+def naive_topk_layout(
+    q: torch.Tensor, k: torch.Tensor, block_q: int = 128, block_kv: int = 128, *, ratio: float | None = None,
+    threshold: float | None = None, min_blocks: int = 1, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Readable reference of :func:`topk_layout`, one row at a time in fp64 (slow; for tests).
+
+    Pooled scores without centring, order = (logit descending, lower block index first), then the rule
+    as ``TopK.select`` states it, kept blocks written ascending and zero padded.
+    """
+    q, k = q.double().cpu(), k.double().cpu()
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    mq, mk = _cdiv(sq, block_q), _cdiv(sk, block_kv)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    n_floor, thr = _keep_rule(mk, ratio, threshold, min_blocks)
+    qp = torch.stack([q[:, :, s: s + block_q].mean(2) for s in range(0, sq, block_q)], 2)
+    kp = torch.stack([k[:, :, s: s + block_kv].mean(2) for s in range(0, sk, block_kv)], 2)
+    lengths = [min(block_kv, sk - j * block_kv) for j in range(mk)]
+    counts = torch.zeros(b, h, mq, dtype=torch.int32)
+    indices = torch.zeros(b, h, mq, mk, dtype=torch.int32)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(mq):
+                logits = [scale * float(qp[bi, hi, i] @ kp[bi, hi, j]) for j in range(mk)]
+                if thr is not None:
+                    logits = [x + math.log(n) for x, n in zip(logits, lengths)]
+                order = sorted(range(mk), key=lambda j: (-logits[j], j))
+                top = max(logits)
+                weights = [math.exp(logits[j] - top) for j in order]
+                total, mass, n = sum(weights), 0.0, 0
+                while n < mk and (n < n_floor or (thr is not None and mass < thr * total)):
+                    mass += weights[n]
+                    n += 1
+                kept = sorted(order[:n])
+                counts[bi, hi, i] = n
+                indices[bi, hi, i, :n] = torch.tensor(kept, dtype=torch.int32)
+    return counts, indices

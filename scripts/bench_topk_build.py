@@ -1,0 +1,202 @@
+"""GPU micro-benchmark of one TopK layout build: the PyTorch chain against the fused Triton build.
+
+* chain: ``block_scores`` (pool q, pool k, key mean, score) then ``topk`` / ``sort`` / index writes
+  (``TopK._build_chain``; ~15 launches), and for the bool mask a union ORs, ``TopK.select`` on the scores;
+* fused: ``kernels/block_score/topk_layout.py``, two launches (pool q and k together; score + select
+  straight into the layout or mask): ``TopK.build`` / ``topk_block_mask``.
+
+Shapes (bf16, B=1, D=128, blocks 128x128): Wan 2.1 480p (H=12, 21x30x52 = 32760 tokens, 256 blocks) and
+HunyuanVideo 720p (H=24, 33x45x80 = 118800 tokens, 929 blocks). Rules: ``ratio=0.1`` and
+``threshold=0.9``. Per shape and rule, medians of ``triton.testing.do_bench`` (L2 flushed), in ms:
+
+* ``chain build`` / ``fused build``: the layout; ``chain mask`` / ``fused mask``: the bool mask;
+* ``pool`` / ``select``: the fused build's two launches alone; ``pool GB/s``: bytes of q and k read by
+  the pooling launch per second (its floor is the HBM bandwidth);
+* ``host us``: host time to enqueue one fused / chain build (launch overhead; no sync inside);
+* ``attn ms``: our block-sparse attention on the fused layout, and ``share``: fused (chain) build /
+  (``refresh_every`` x attention), the search share of a layer refreshed every 5 steps (the ``balanced``
+  preset); the target is below 3%;
+* ``rows differ``: query-block rows whose layout differs between chain and fused (only blocks whose
+  scores tie within fp32 rounding may swap; the fused path skips the key-mean centring).
+
+Writes ``benchmarks/topk_build.json`` and ``benchmarks/topk_build.md`` (atomically). A case that fails
+is recorded with its error and the run goes on.
+
+    python scripts/bench_topk_build.py [--out benchmarks] [--shapes wan480p hunyuan720p] [--no-attention]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_util import bench_ms, env_info, markdown_table, write_report  # noqa: E402
+
+from dit_sparse.layout import TokenLayout  # noqa: E402
+from dit_sparse.patterns import PatternContext, TopK  # noqa: E402
+
+BLOCK = 128
+HEAD_DIM = 128
+REFRESH_EVERY = 5  # the balanced preset's pattern-cache refresh
+HOST_REPS = 50  # builds enqueued back to back to time the host side
+# name -> (token grid, tile, heads)
+SHAPES = {
+    "wan480p": ((21, 30, 52), (4, 4, 8), 12),
+    "hunyuan720p": ((33, 45, 80), (4, 8, 8), 24),
+}
+RULES = {"ratio0.1": dict(ratio=0.1), "threshold0.9": dict(threshold=0.9)}
+
+
+def make_qk(heads: int, seq: int, device, dtype=torch.bfloat16, seed: int = 0):
+    """Random q, k ``[1, H, S, D]`` with a per-head key offset (real keys share a large mean, which the
+    chain's centring removes and the fused path does not need to)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(1, heads, seq, HEAD_DIM, device=device, generator=g)
+    k = torch.randn(1, heads, seq, HEAD_DIM, device=device, generator=g)
+    k += 2.0 * torch.randn(1, heads, 1, HEAD_DIM, device=device, generator=g)
+    return q.to(dtype), k.to(dtype)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_us(fn, device, reps: int | None = None) -> float:
+    """Mean host time (us) to enqueue ``fn`` (no sync between calls; one before and after)."""
+    reps = reps or HOST_REPS
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    t1 = time.perf_counter()
+    _sync(device)
+    return (t1 - t0) / reps * 1e6
+
+
+def rows_differ(a, b) -> int:
+    diff = (a.kv_counts != b.kv_counts) | (a.kv_indices != b.kv_indices).any(-1)
+    return int(diff.sum())
+
+
+def bench_case(shape: str, rule_name: str, attention: bool = True, device="cuda") -> dict:
+    """Time one (shape, rule) case; returns a result row (ms unless named otherwise)."""
+    from dit_sparse.kernels.block_score import block_scores
+    from dit_sparse.kernels.block_score.topk_layout import pool_qk_triton, topk_block_mask, topk_select_triton
+
+    grid, tile, heads = SHAPES[shape]
+    rule = RULES[rule_name]
+    tl = TokenLayout(*grid, tile=tile)
+    dev = torch.device(device)
+    ctx = PatternContext(tl, batch=1, heads=heads, block_q=BLOCK, block_kv=BLOCK, device=dev)
+    q, k = make_qk(heads, tl.seq_len, dev)
+    p = TopK(**rule)
+    if not p._fused(ctx, q):
+        raise RuntimeError("the fused path is not available for this shape/device")
+
+    fused = p.build(ctx, q, k)
+    chain = p._build_chain(ctx, q, k)
+    row = dict(shape=shape, rule=rule_name, heads=heads, seq_len=tl.seq_len, kv_blocks=ctx.num_kv_blocks,
+               rows_differ=rows_differ(fused, chain), rows=fused.kv_counts.numel(),
+               mean_kept_blocks=float(fused.kv_counts.float().mean()))
+    row["chain_build_ms"] = bench_ms(lambda: p._build_chain(ctx, q, k))
+    row["fused_build_ms"] = bench_ms(lambda: p.build(ctx, q, k))
+    row["chain_mask_ms"] = bench_ms(lambda: p.select(block_scores(q, k, BLOCK, BLOCK), tl.seq_len, BLOCK))
+    row["fused_mask_ms"] = bench_ms(lambda: topk_block_mask(q, k, BLOCK, BLOCK, **rule))
+
+    # The two launches alone (the same arguments TopK passes).
+    from dit_sparse.kernels.block_score.topk_layout import _keep_rule
+
+    n_floor, thr = _keep_rule(ctx.num_kv_blocks, rule.get("ratio"), rule.get("threshold"), 1)
+    scale = q.shape[-1] ** -0.5
+    q_t, k_t = pool_qk_triton(q, k, BLOCK, BLOCK)
+    row["pool_ms"] = bench_ms(lambda: pool_qk_triton(q, k, BLOCK, BLOCK))
+    row["select_ms"] = bench_ms(lambda: topk_select_triton(q_t, k_t, tl.seq_len, BLOCK, scale, n_floor, thr))
+    bytes_read = (q.numel() + k.numel()) * q.element_size()
+    row["pool_gbps"] = bytes_read / (row["pool_ms"] * 1e-3) / 1e9
+    row["fused_host_us"] = host_us(lambda: p.build(ctx, q, k), dev)
+    row["chain_host_us"] = host_us(lambda: p._build_chain(ctx, q, k), dev)
+    row["speedup"] = row["chain_build_ms"] / row["fused_build_ms"]
+
+    if attention:
+        from dit_sparse.kernels import block_sparse_attention
+
+        v = torch.randn_like(q)
+        row["attn_ms"] = bench_ms(lambda: block_sparse_attention(q, k, v, fused))
+        row["fused_share"] = row["fused_build_ms"] / (REFRESH_EVERY * row["attn_ms"])
+        row["chain_share"] = row["chain_build_ms"] / (REFRESH_EVERY * row["attn_ms"])
+    return row
+
+
+def run_bench(shapes=None, rules=None, attention: bool = True, log=print, device="cuda") -> dict:
+    """Every (shape, rule) case; a failing case is recorded with its error. Returns the JSON payload."""
+    results = []
+    for shape in shapes or list(SHAPES):
+        for rule_name in rules or list(RULES):
+            try:
+                row = bench_case(shape, rule_name, attention, device)
+            except Exception as e:  # keep the other cases' numbers
+                row = dict(shape=shape, rule=rule_name, error=f"{type(e).__name__}: {e}",
+                           traceback=traceback.format_exc(limit=5))
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            results.append(row)
+            log({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "traceback"})
+    return {"env": env_info(), "block": BLOCK, "head_dim": HEAD_DIM, "refresh_every": REFRESH_EVERY,
+            "dtype": "bfloat16", "results": results}
+
+
+def to_markdown(payload: dict) -> str:
+    env = payload["env"]
+    headers = ["shape", "rule", "kv blocks", "kept (mean)", "chain build", "fused build", "speedup",
+               "chain mask", "fused mask", "pool", "select", "pool GB/s", "chain host us", "fused host us",
+               "attn ms", "chain share", "fused share", "rows differ"]
+    rows = []
+    for r in payload["results"]:
+        if "error" in r:
+            rows.append([r["shape"], r["rule"], f"error: {r['error']}"] + [None] * (len(headers) - 3))
+            continue
+        share = (lambda x: None if x is None else f"{100 * x:.2f}%")
+        rows.append([r["shape"], r["rule"], r["kv_blocks"], r["mean_kept_blocks"], r["chain_build_ms"],
+                     r["fused_build_ms"], r["speedup"], r["chain_mask_ms"], r["fused_mask_ms"], r["pool_ms"],
+                     r["select_ms"], r["pool_gbps"], r["chain_host_us"], r["fused_host_us"], r.get("attn_ms"),
+                     share(r.get("chain_share")), share(r.get("fused_share")), f"{r['rows_differ']}/{r['rows']}"])
+    return (
+        "# TopK layout build: PyTorch chain vs fused Triton (GPU)\n\n"
+        f"{env.get('gpu')}, {env['date']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}. "
+        f"bf16, B=1, D={payload['head_dim']}, blocks {payload['block']}x{payload['block']}. Times in ms "
+        "(median, `triton.testing.do_bench`) unless named; `share` = build / (refresh_every="
+        f"{payload['refresh_every']} x attention on the fused layout); target below 3%. `rows differ`: "
+        "query-block rows whose layout differs between the two paths (fp32 near-ties only).\n\n"
+        "Produced by `python scripts/bench_topk_build.py`.\n\n" + markdown_table(headers, rows)
+    )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks")
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    ap.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
+    ap.add_argument("--no-attention", action="store_true", help="skip the attention timing (and the share)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_topk_build needs a CUDA GPU", file=sys.stderr)
+        return 2
+    payload = run_bench(args.shapes, args.rules, attention=not args.no_attention)
+    md = to_markdown(payload)
+    os.makedirs(args.out, exist_ok=True)
+    write_report(args.out, "topk_build", payload, md)
+    print(md)
+    return 0 if all("error" not in r for r in payload["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

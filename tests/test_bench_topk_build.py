@@ -1,0 +1,62 @@
+"""scripts/bench_topk_build.py on CPU: one case end to end on a tiny shape (Triton interpreter, timings
+stubbed), a failing case recorded instead of ending the run, and the report written atomically."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter"),
+]
+
+
+@pytest.fixture()
+def bench(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_topk_build", ROOT / "scripts" / "bench_topk_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = []
+    monkeypatch.setattr(module, "bench_ms", lambda fn: calls.append(fn()) or 1.0)
+    monkeypatch.setattr(module, "SHAPES", {"tiny": ((2, 4, 4), (1, 2, 2), 2)})
+    monkeypatch.setattr(module, "HEAD_DIM", 8)
+    monkeypatch.setattr(module, "BLOCK", 4)
+    monkeypatch.setattr(module, "HOST_REPS", 1)
+    return module
+
+
+def test_one_case_end_to_end_and_report(bench, tmp_path):
+    payload = bench.run_bench(attention=False, log=lambda row: None, device="cpu")
+    assert [(r["shape"], r["rule"]) for r in payload["results"]] == [("tiny", "ratio0.1"), ("tiny", "threshold0.9")]
+    for r in payload["results"]:
+        assert "error" not in r, r.get("traceback")
+        assert r["kv_blocks"] == 8 and r["rows"] == 2 * 8 and r["rows_differ"] == 0
+        assert r["fused_build_ms"] == r["chain_build_ms"] == 1.0 and r["speedup"] == 1.0
+    from _bench_util import write_report  # scripts/ is on sys.path once the module is loaded
+
+    md = bench.to_markdown(payload)
+    write_report(str(tmp_path), "topk_build", payload, md)
+    assert json.loads((tmp_path / "topk_build.json").read_text())["results"][0]["shape"] == "tiny"
+    assert "| tiny | ratio0.1 |" in (tmp_path / "topk_build.md").read_text()
+
+
+def test_failing_case_is_recorded(bench, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("no such luck")
+
+    monkeypatch.setattr(bench, "make_qk", boom)
+    payload = bench.run_bench(rules=["ratio0.1"], attention=False, log=lambda row: None, device="cpu")
+    (row,) = payload["results"]
+    assert row["error"] == "RuntimeError: no such luck" and "traceback" in row
+    assert "error: RuntimeError" in bench.to_markdown(payload)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU only")
+def test_main_without_gpu_exits_2(bench, tmp_path):
+    assert bench.main(["--out", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())
