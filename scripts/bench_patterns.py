@@ -28,11 +28,17 @@ as the engine pays it, over a whole model, not for one layer:
 * so, as in the engine, a static pattern (Tile3D, no q/k) is cached under one owner for all layers and
   built once per run; a dynamic one (TopK, SpatioTemporal, and unions holding one) is built per layer
   on its first sparse step and on each refresh;
-* search time = every ``PatternCache.get_or_build`` call of the run (builds and hits alike), each timed
-  from an idle device (synchronised before): a build until its device work is done (synchronised
-  after), a hit by its host time (a hit queues no device work); share = search time / (sparse
-  attention calls x our attention time per call, measured on its own). ``search_share_of_wall`` in
-  the JSON divides by the run's measured wall time instead (permutes and synchronisations included).
+* search time, two ways, per ``PatternCache.get_or_build`` call of the run:
+  - device time (``search_device_ms``, the share the targets are read on): what the builds occupy the
+    GPU when the host runs ahead of it, as in a real run of a large model, where the host queues the
+    next layers' work while the GPU computes. Before each lookup the GPU is given ~2 ms of queued work
+    (``torch.cuda._sleep``), then CUDA events bracket the lookup: the span covers exactly the kernels the
+    build queued (a hit queues none: 0). Host time that the GPU does not wait for is not counted;
+  - synchronised wall time (``search ms (sync)``): each lookup timed from an idle device, a build until
+    its device work is done, a hit by its host time - launch latencies included, as a small model whose
+    host cannot run ahead would pay them;
+  share = search time / (sparse attention calls x our attention time per call, measured on its own).
+  ``search_share_of_wall`` in the JSON divides the synchronised time by the run's wall time instead.
 
 Reading the share: a static pattern's one build is spread over L x sparse steps attention calls, so its
 share falls with L; a dynamic pattern's share is about (builds per layer x build time) / (sparse steps
@@ -67,6 +73,7 @@ from dit_sparse.presets import PRESETS  # noqa: E402
 HEADS, HEAD_DIM = 12, 128
 BLOCK = 128
 DENSE_STEPS = 0.2
+_BUSY_CYCLES = 4_000_000  # ~2 ms of an H200 SM clock: longer than any build takes the host to queue
 SHAPES = {
     "wan480p_21x30x52": ((21, 30, 52), (4, 4, 8)),
     "grid_18x48x80": ((18, 48, 80), (6, 8, 8)),
@@ -133,20 +140,26 @@ def timed_build(pattern, ctx, q, k, cold: bool, reps: int = 5) -> float:
     return times[len(times) // 2]
 
 
-def engine_run(config: SparseAttentionConfig, tl: TokenLayout, q, k, v, layers: int, steps: int) -> dict:
+def engine_run(config: SparseAttentionConfig, tl: TokenLayout, q, k, v, layers: int, steps: int,
+               timing: str = "sync") -> dict:
     """Drive a :class:`SparseAttentionEngine` through ``steps`` denoising steps of a model with ``layers``
     self-attention layers on q, k, v (``[B, H, S, D]``, model token order, the same for every layer).
 
-    Every ``PatternCache.get_or_build`` call is timed from an idle device: a build until the device
-    finished its work (sync after it), a hit by its host time (it queues no device work). Returns lookups, hits, builds, sparse calls, search seconds
-    (all lookups, and builds / hits apart) and the wall time of the run.
+    ``timing="sync"``: every ``PatternCache.get_or_build`` call is timed from an idle device: a build until
+    the device finished its work (sync after it), a hit by its host time (it queues no device work).
+    ``timing="device"`` (CUDA only): the device is kept busy ahead of each lookup and CUDA events bracket
+    it, so a build counts the device time of its kernels only and a hit counts 0. Returns lookups, hits,
+    builds, sparse calls, search seconds (all lookups, and builds / hits apart) and the wall time of the run.
     """
+    if timing not in ("sync", "device"):
+        raise ValueError(f"timing must be 'sync' or 'device', got {timing!r}")
     engine = SparseAttentionEngine(config, num_steps=steps)
     modules = [torch.nn.Module() for _ in range(layers)]
     engine.add_layers([(f"blocks.{i}.attn1", m) for i, m in enumerate(modules)])
     cache, device = engine.cache, q.device
     real_get_or_build = cache.get_or_build
     acc = {"build_s": 0.0, "hit_s": 0.0, "builds": 0, "hits": 0}
+    events = []
 
     def timed_get_or_build(key, step, build_fn, *args, **kwargs):
         built = []
@@ -155,6 +168,18 @@ def engine_run(config: SparseAttentionConfig, tl: TokenLayout, q, k, v, layers: 
             built.append(True)
             return build_fn()
 
+        if timing == "device":
+            torch.cuda._sleep(_BUSY_CYCLES)  # queued work: the host runs ahead while the lookup queues its own
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            layout = real_get_or_build(key, step, build, *args, **kwargs)
+            end.record()
+            if built:
+                events.append((start, end))
+                acc["builds"] += 1
+            else:
+                acc["hits"] += 1
+            return layout
         _sync(device)  # the device is idle: a build's device work is timed on its own
         t0 = time.perf_counter()
         layout = real_get_or_build(key, step, build, *args, **kwargs)
@@ -180,6 +205,7 @@ def engine_run(config: SparseAttentionConfig, tl: TokenLayout, q, k, v, layers: 
         engine.end_call()
     _sync(device)
     wall = time.perf_counter() - t0
+    acc["build_s"] += sum(a.elapsed_time(b) for a, b in events) * 1e-3
     stats = cache.stats()
     if stats["builds"] != acc["builds"] or stats["hits"] != acc["hits"]:
         raise RuntimeError(f"lookup accounting disagrees with the cache: {acc} vs {stats}")
@@ -240,28 +266,33 @@ def main(argv=None) -> int:
             flex_ms = bench_ms(lambda: flex(q, k, v, block_mask=bm))
 
             run = engine_run(cfg, tl, q_m, k_m, v_m, args.layers, args.steps)
+            run_dev = engine_run(cfg, tl, q_m, k_m, v_m, args.layers, args.steps, timing="device")
             attn_s = run["sparse_calls"] * ours_ms * 1e-3
             share = run["search_s"] / attn_s
+            share_dev = run_dev["search_s"] / attn_s
             row = dict(
                 shape=shape_name, tile="x".join(map(str, tile)), pattern=pattern.name, density=density,
                 recall=recall, build_ms=build_ms, refresh_ms=refresh_ms, ours_ms=ours_ms, flex_ms=flex_ms,
                 cudnn_dense_ms=dense_ms, speedup_vs_cudnn=dense_ms / ours_ms,
                 flex_speedup_vs_cudnn=dense_ms / flex_ms, ours_vs_flex=flex_ms / ours_ms, rel_rms_vs_flex=err,
                 policy_preset=preset, refresh_every=cfg.refresh_every, drift_threshold=cfg.drift_threshold,
-                run=run, attention_s=attn_s, search_share=share,
+                run=run, attention_s=attn_s, search_share=share, run_device=run_dev,
+                search_device_ms=run_dev["search_s"] * 1e3, search_share_device=share_dev,
                 search_share_of_wall=run["search_s"] / run["wall_s"],
             )
             results.append(row)
             rows.append([shape_name, row["tile"], pname, density, recall, build_ms, refresh_ms, ours_ms, flex_ms,
                          dense_ms, row["speedup_vs_cudnn"], row["ours_vs_flex"], preset, args.layers,
-                         run["sparse_calls"], run["builds"], run["search_s"] * 1e3, f"{100 * share:.2f}%"])
+                         run["sparse_calls"], run["builds"], run_dev["search_s"] * 1e3, f"{100 * share_dev:.2f}%",
+                         run["search_s"] * 1e3, f"{100 * share:.2f}%"])
             print(rows[-1], flush=True)
     env = env_info()
     policies = "; ".join(sorted({f"`{preset_policy(f['pattern'])[0]}`: refresh_every="
                                  f"{preset_policy(f['pattern'])[1]['refresh_every']}" for f in PATTERNS.values()}))
     headers = ["shape", "tile", "pattern", "density", "recall", "build ms", "refresh ms", "ours ms", "Flex ms",
                "cuDNN dense ms", "ours x cuDNN", "ours / Flex", "cache policy", "layers L", "sparse calls",
-               "builds", "search ms", "search / attention"]
+               "builds", "search ms (device)", "search / attention (device)", "search ms (sync)",
+               "search / attention (sync)"]
     md = (
         "# Patterns and pattern cache (GPU)\n\n"
         f"{env.get('gpu')}, {env['date']}, torch {env['torch']}, triton {env['triton']}, cuDNN {env['cudnn']}. "
@@ -271,9 +302,10 @@ def main(argv=None) -> int:
         f"Search share: a {args.steps}-step run of a model with L={args.layers} self-attention layers through "
         f"the engine ({int(DENSE_STEPS * 100)}% dense warm-up steps, then every layer sparse), with the cache "
         f"policy of the preset named ({policies}). Static patterns "
-        "are built once for all layers, dynamic ones per layer. `search ms` = all cache lookups of the run "
-        "(a build timed with its device work, a hit by its host time); share = search ms / (sparse calls x "
-        "ours ms).\n\n"
+        "are built once for all layers, dynamic ones per layer. `search ms (device)`: the GPU time of all "
+        "cache lookups of the run with the host running ahead (CUDA events; a hit queues no device work); "
+        "`search ms (sync)`: the same lookups timed from an idle device (a build until its device work is done, "
+        "a hit by its host time; launch latencies included). share = search ms / (sparse calls x ours ms).\n\n"
         "Produced by `python scripts/bench_patterns.py`.\n\n" + markdown_table(headers, rows)
     )
     write_report(args.out, "patterns", {"env": env, "layers": args.layers, "steps": args.steps,

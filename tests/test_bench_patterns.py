@@ -48,3 +48,11 @@ def test_engine_run_counts_builds_and_lookups_as_the_engine_pays_them(bench, nam
     assert run["hits"] == run["lookups"] - run["builds"]
     assert run["search_s"] == pytest.approx(run["build_s"] + run["hit_s"])
     assert 0 < run["search_s"] < run["wall_s"]
+
+
+def test_engine_run_rejects_an_unknown_timing(bench):
+    tl = TokenLayout(2, 8, 16, tile=(1, 4, 8))
+    q = torch.zeros(1, 2, tl.seq_len, 64)
+    cfg, _ = bench.make_config(bench.PATTERNS["topk_10%"], tl.tile, backend="torch")
+    with pytest.raises(ValueError, match="timing"):
+        bench.engine_run(cfg, tl, q, q, q, layers=1, steps=2, timing="wall")

@@ -15,8 +15,9 @@ their dense softmax is computed against all keys, and the head takes the mask th
 sampled attention mass. :meth:`SpatioTemporal.classify` exposes the decision.
 
 Build cost: the two candidate masks and the sampled rows depend only on the context, so they are made
-once per context and kept; a build computes the sampled rows' logits against all keys, their softmax,
-its mass per key block (one reduction), and picks per head, with no host sync.
+once per context and kept; a build computes the sampled rows' logits against all keys (one GEMM on the
+inputs' dtype with fp32 output), their softmax, its mass per key block (one reduction), and picks per
+head, with no host sync.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class SpatioTemporal(Pattern):
     def _classify(self, ctx: PatternContext, q, k, scale=None) -> HeadClassification:
         _, _, rows, per_row = self._candidates(ctx)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        logits = (q[:, :, rows].float() @ k.float().transpose(-1, -2)).mul_(scale)  # [B, H, n, S]
+        logits = _sampled_logits(q[:, :, rows], k).mul_(scale)  # fp32 [B, H, n, S]
         mass = _block_sums(torch.softmax(logits, dim=-1), ctx.block_kv)  # [B, H, n, Mk]
         recalls = (mass.unsqueeze(0) * per_row[:, None, None]).sum(-1).mean(-1)  # [2, B, H]
         return HeadClassification(recalls[1] > recalls[0], recalls[0], recalls[1])
@@ -174,6 +175,18 @@ def _sampled_rows(video_len: int, num_samples: int, seed: int, device: torch.dev
     g = torch.Generator().manual_seed(seed)
     rows = torch.randperm(video_len, generator=g)[:num_samples]
     return rows.sort().values.to(device)
+
+
+def _sampled_logits(q_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """fp32 ``q_rows @ k^T``: ``[B, H, n, D] x [B, H, S, D] -> [B, H, n, S]``. Half-precision CUDA inputs
+    multiply on the tensor cores with fp32 output (no fp32 copy of k: that copy and an fp32 GEMM were
+    most of a build's time at Wan-480p); others in fp32."""
+    b, h, n, d = q_rows.shape
+    if q_rows.is_cuda and q_rows.dtype in (torch.bfloat16, torch.float16) and k.dtype == q_rows.dtype:
+        out = torch.bmm(q_rows.reshape(b * h, n, d), k.reshape(b * h, -1, d).transpose(1, 2),
+                        out_dtype=torch.float32)
+        return out.view(b, h, n, -1)
+    return q_rows.float() @ k.float().transpose(-1, -2)
 
 
 def _block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
