@@ -99,17 +99,8 @@ def vae_round_trip(pipe, videos: torch.Tensor) -> torch.Tensor:
 def generate_batch(pipe, prompts: list[str], seeds: list[int], settings: GenerationSettings) -> np.ndarray:
     """One pipeline call for ``prompts`` (seed ``seeds[i]`` for prompt i, so a video does not depend on the
     batch it is in); float ``[N, F, H, W, 3]`` in [0, 1]."""
-    out = pipe(
-        prompt=prompts,
-        negative_prompt=settings.negative_prompt,
-        num_frames=settings.frames,
-        height=settings.height,
-        width=settings.width,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
-        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-        output_type="np",
-    )
+    out = pipe(prompt=prompts, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+               **settings.pipeline_kwargs())
     return np.asarray(out.frames, dtype=np.float32)
 
 

@@ -59,6 +59,13 @@ class GenerationSettings:
         d["device"], d["dtype"] = self.resolved_device(), self.resolved_dtype()
         return d
 
+    def pipeline_kwargs(self) -> dict:
+        """The text-to-video pipeline call's arguments these settings fix (all but prompt and generator);
+        frames come back as float numpy arrays in [0, 1]."""
+        return dict(negative_prompt=self.negative_prompt, num_frames=self.frames, height=self.height,
+                    width=self.width, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                    output_type="np")
+
 
 @dataclass
 class GenerationResult:
@@ -165,18 +172,8 @@ def generate(pipe, settings: GenerationSettings, preset: str, progress: bool = T
     try:
         _sync(settings)
         start = last[0] = time.perf_counter()
-        out = pipe(
-            prompt=settings.prompt,
-            negative_prompt=settings.negative_prompt,
-            num_frames=settings.frames,
-            height=settings.height,
-            width=settings.width,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance,
-            generator=torch.Generator("cpu").manual_seed(settings.seed),
-            output_type="np",
-            callback_on_step_end=on_step_end,
-        )
+        out = pipe(prompt=settings.prompt, generator=torch.Generator("cpu").manual_seed(settings.seed),
+                   callback_on_step_end=on_step_end, **settings.pipeline_kwargs())
         _sync(settings)
         seconds = time.perf_counter() - start
         stats = _stats(pipe)

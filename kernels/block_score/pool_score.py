@@ -21,14 +21,15 @@ def _cdiv(a: int, b: int) -> int:
 
 
 @triton.jit
-def _mean_pool_kernel(
-    x_ptr, out_ptr,
-    S, D, H, M, BLOCK,
+def block_means_tile(
+    x_ptr, S, D, H, M, BLOCK,
     stride_b, stride_h, stride_s, stride_d,
     BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
-    # One program per (BM consecutive blocks, batch*head): sum a [BM, BT, BD] tile per step (BT rows of
-    # each block), then divide by each block's true length (the tail block is shorter).
+    """fp32 means ``[BM, BD]`` of BM consecutive blocks of one (batch, head) - the program's ids
+    ``(block tile, batch*head)`` - and the block numbers ``[BM]``: a ``[BM, BT, BD]`` tile summed per step (BT
+    rows of each block), then divided by each block's true length (the tail block is shorter). Blocks past
+    M read nothing and come out 0. The pooling kernels here and in ``topk_layout.py`` store it."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
@@ -47,9 +48,21 @@ def _mean_pool_kernel(
         mask = row_ok[:, :, None] & (offs_d[None, None, :] < D)
         acc += tl.sum(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), axis=1)
     lengths = tl.maximum(ends - starts, 1).to(tl.float32)
-    acc = acc / lengths[:, None]
-    out = out_ptr + (i_bh.to(tl.int64) * M + blocks[:, None]) * D + offs_d[None, :]
-    tl.store(out, acc, mask=(blocks[:, None] < M) & (offs_d[None, :] < D))
+    return acc / lengths[:, None], blocks
+
+
+@triton.jit
+def _mean_pool_kernel(
+    x_ptr, out_ptr,
+    S, D, H, M, BLOCK,
+    stride_b, stride_h, stride_s, stride_d,
+    BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+):
+    # One program per (BM consecutive blocks, batch*head); out[bh, m, d].
+    means, blocks = block_means_tile(x_ptr, S, D, H, M, BLOCK, stride_b, stride_h, stride_s, stride_d, BM, BT, BD)
+    offs_d = tl.arange(0, BD)
+    out = out_ptr + (tl.program_id(1).to(tl.int64) * M + blocks[:, None]) * D + offs_d[None, :]
+    tl.store(out, means, mask=(blocks[:, None] < M) & (offs_d[None, :] < D))
 
 
 @triton.jit

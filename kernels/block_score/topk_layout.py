@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from .api import _check, _use_triton
+from .pool_score import block_means_tile
 
 __all__ = [
     "MAX_KV_BLOCKS",
@@ -91,29 +92,12 @@ def _pool_tile(
     stride_b, stride_h, stride_s, stride_d,
     BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
-    # Mean of BM consecutive blocks of one (batch, head), as pool_score._mean_pool_kernel, stored
+    # Means of BM consecutive blocks of one (batch, head) (pool_score.block_means_tile), stored
     # transposed: out[bh, d, m]. Programs past M do nothing (all masked).
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    blocks = i_m * BM + tl.arange(0, BM)
-    starts = blocks * BLOCK
-    ends = tl.minimum(starts + BLOCK, S)
-    offs_t = tl.arange(0, BT)
+    means, blocks = block_means_tile(x_ptr, S, D, H, M, BLOCK, stride_b, stride_h, stride_s, stride_d, BM, BT, BD)
     offs_d = tl.arange(0, BD)
-    base = x_ptr + i_b * stride_b + i_h * stride_h
-    acc = tl.zeros([BM, BD], dtype=tl.float32)
-    for off in range(0, BLOCK, BT):
-        rows = starts[:, None] + off + offs_t[None, :]  # [BM, BT]
-        row_ok = (rows < ends[:, None]) & (blocks[:, None] < M)
-        ptrs = base + rows[:, :, None].to(tl.int64) * stride_s + offs_d[None, None, :] * stride_d
-        mask = row_ok[:, :, None] & (offs_d[None, None, :] < D)
-        acc += tl.sum(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), axis=1)
-    lengths = tl.maximum(ends - starts, 1).to(tl.float32)
-    acc = acc / lengths[:, None]
-    out = out_ptr + i_bh.to(tl.int64) * D * M + offs_d[None, :] * M + blocks[:, None]
-    tl.store(out, acc, mask=(blocks[:, None] < M) & (offs_d[None, :] < D))
+    out = out_ptr + tl.program_id(1).to(tl.int64) * D * M + offs_d[None, :] * M + blocks[:, None]
+    tl.store(out, means, mask=(blocks[:, None] < M) & (offs_d[None, :] < D))
 
 
 @triton.jit
