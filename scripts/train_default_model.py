@@ -26,11 +26,14 @@ It writes the diffusers folder (``--out``; fp16 weights, about 21 MB, 14 files) 
 steps, losses, time, GPU, date) and ``train_log.csv``, then reloads it and writes four sample files to
 ``--samples-dir``: ``samples.mp4`` (all sample prompts tiled), ``samples_grid.png``, ``prompts.txt`` and
 ``vae_reconstruction_grid.png``. ``--archive FILE`` also packs the folder as a tar split into 15 MiB parts
-``FILE.00``, ``FILE.01`` (for machines that hand back few, small files). ``--smoke`` runs a few tiny steps
+``FILE.00``, ``FILE.01`` (for machines that hand back few, small files). ``--gpus N`` with ``--resume-from``
+trains the transformer data-parallel on N GPUs (one process each, DDP; each rank renders its own videos,
+``--dit-batch`` per GPU, so N times the videos per second). ``--smoke`` runs a few tiny steps
 on the CPU to check the whole path.
 
     python scripts/train_default_model.py                      # -> pipelines/default_model, out/default_model_samples
     python scripts/train_default_model.py --out /tmp/model --samples-dir $OUT/samples --archive $OUT/default_model.tar
+    python scripts/train_default_model.py --resume-from pipelines/default_model --gpus 2 --dit-minutes 8 --dit-batch 64
     python scripts/train_default_model.py --smoke --out /tmp/default_model --samples-dir /tmp/samples
 """
 
@@ -176,9 +179,10 @@ class TrainLog:
 
     FIELDS = ("phase", "step", "elapsed_s", "loss", "lr", "note")
 
-    def __init__(self, every: int):
+    def __init__(self, every: int, quiet: bool = False):
         self.rows, self.pending, self.every, self.start = [], [], every, time.time()
         self.phase_end, self.budget_after = None, 0.0
+        self.quiet = quiet  # keep the rows, print nothing (the ranks after the first of a data-parallel run)
 
     def plan(self, budget_s: float, budget_after_s: float) -> None:
         """The phase starting now ends within ``budget_s`` seconds; the training phases after it have
@@ -205,8 +209,9 @@ class TrainLog:
             note = " ".join(f"{n} {v:.4f}" for n, v in zip(names, vals[1:]))
             self.rows.append(dict(phase=phase, step=step, elapsed_s=elapsed, loss=vals[0], lr=lr, note=note))
         row = self.rows[-1]
-        print(f"[{row['elapsed_s']:7.1f}s] {row['phase']} step {row['step']:6d} loss {row['loss']:.5f} "
-              f"lr {row['lr']:.2e} {row['note']}{self.eta_text()}", flush=True)
+        if not self.quiet:
+            print(f"[{row['elapsed_s']:7.1f}s] {row['phase']} step {row['step']:6d} loss {row['loss']:.5f} "
+                  f"lr {row['lr']:.2e} {row['note']}{self.eta_text()}", flush=True)
         self.pending = []
 
     def csv_text(self) -> str:
@@ -249,6 +254,11 @@ def render_batch(stream: SpecStream, n: int, frames: int, height: int, width: in
     specs = stream.next(n)
     videos = render_videos(specs, frames, height, width, device=device)
     return video_to_model_input(videos), [s.prompt for s in specs]
+
+
+# Rank r of a data-parallel run draws its videos from spec seed ``seed * 2 + 2 + r * this`` (rank 0 as a
+# one-GPU run; held-out prompts use seed 777).
+_RANK_STREAM_OFFSET = 1000
 
 
 def is_oom(err: BaseException) -> bool:
@@ -458,7 +468,39 @@ def ema_update(ema_params, params, decay: float) -> None:
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-def train_transformer(components, cfg: TrainConfig, device, amp: bool, log: TrainLog) -> dict:
+class DenoiserStep(torch.nn.Module):
+    """Text encoder + transformer as one module (one forward, as DistributedDataParallel wants): the flow
+    velocity predicted for noisy latents ``xt`` at noise levels ``sigma`` under prompts ``ids`` / ``mask``."""
+
+    def __init__(self, transformer, text_encoder):
+        super().__init__()
+        self.transformer, self.text_encoder = transformer, text_encoder
+
+    def forward(self, xt, sigma, ids, mask):
+        emb = text_embeddings(self.text_encoder, ids, mask)
+        return self.transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb,
+                                return_dict=False)[0]
+
+
+# With several ranks, the elapsed time that drives the learning rate and the end of the phase is agreed
+# (the largest of the ranks') every this many steps, so every rank takes the same steps at the same rate.
+_SYNC_EVERY = 10
+
+
+def _agreed_elapsed(start: float, device, world: int) -> float:
+    elapsed = time.time() - start
+    if world > 1:
+        t = torch.tensor([elapsed], device=device, dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        elapsed = float(t.item())
+    return elapsed
+
+
+def train_transformer(components, cfg: TrainConfig, device, amp: bool, log: TrainLog, rank: int = 0,
+                      world: int = 1) -> dict:
+    """The transformer phase; with ``world`` > 1 ranks, data-parallel (DDP): each rank renders and encodes
+    its own videos (its own spec stream) into its own latent bank, trains on ``dit_batch`` of them per
+    step, and gradients are averaged, so one step sees ``world x dit_batch`` videos."""
     transformer, text_encoder = components["transformer"], components["text_encoder"]
     vae, tokenizer = components["vae"], components["tokenizer"]
     transformer.to(device).train()
@@ -466,17 +508,28 @@ def train_transformer(components, cfg: TrainConfig, device, amp: bool, log: Trai
     params = [p for m in (transformer, text_encoder) for p in m.parameters()]
     ema = [p.detach().clone().float() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
-    stream = SpecStream(cfg.seed * 2 + 2)
+    model = DenoiserStep(transformer, text_encoder)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    stream = SpecStream(cfg.seed * 2 + 2 + _RANK_STREAM_OFFSET * rank)
     bank = LatentBank(cfg.bank_size)
     empty_ids, empty_mask = tokenize(tokenizer, [""], device)
     start = time.time()
     while bank.filled < min(cfg.bank_size, 2 * cfg.dit_batch):  # a first fill, then a refresh every few steps
         refresh_bank(bank, vae, tokenizer, stream, cfg, device, amp, cfg.bank_refresh)
-    print(f"latent bank: {bank.filled} videos encoded in {time.time() - start:.1f}s", flush=True)
+    if rank == 0:
+        print(f"latent bank: {bank.filled} videos encoded in {time.time() - start:.1f}s", flush=True)
     budget, start, step, batch = cfg.dit_minutes * 60, time.time(), 0, cfg.dit_batch
     log.plan(budget, 0.0)
-    while step < cfg.dit_max_steps and time.time() - start < budget:
-        lr = cfg.dit_lr * lr_factor(step, (time.time() - start) / budget, cfg.dit_warmup_steps, cfg.warmup_fraction)
+    elapsed = 0.0
+    while True:
+        if world == 1 or step % _SYNC_EVERY == 0:
+            elapsed = _agreed_elapsed(start, device, world)
+        if step >= cfg.dit_max_steps or elapsed >= budget:
+            break
+        lr = cfg.dit_lr * lr_factor(step, elapsed / budget, cfg.dit_warmup_steps, cfg.warmup_fraction)
         for group in opt.param_groups:
             group["lr"] = lr
         try:
@@ -492,16 +545,16 @@ def train_transformer(components, cfg: TrainConfig, device, amp: bool, log: Trai
             s = sigma.view(-1, 1, 1, 1, 1)
             xt = (1 - s) * x0 + s * noise
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                emb = text_embeddings(text_encoder, ids, mask)
-                pred = transformer(
-                    hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb, return_dict=False
-                )[0]
+                pred = model(xt, sigma, ids, mask)
             loss = F.mse_loss(pred.float(), noise - x0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
         except RuntimeError as err:
+            if world > 1 and is_oom(err):  # the other ranks are waiting in the all-reduce: no retry
+                raise RuntimeError(f"rank {rank}: out of memory at --dit-batch {batch}; pass a smaller "
+                                   "--dit-batch (it is per GPU)") from err
             batch = halved_batch_after_oom(err, batch, opt, "transformer")
             continue
         ema_update(ema, [p.detach().float() for p in params], min(cfg.ema_decay, (1 + step) / (10 + step)))
@@ -513,7 +566,8 @@ def train_transformer(components, cfg: TrainConfig, device, amp: bool, log: Trai
             p.copy_(e.to(p.dtype))
     transformer.eval()
     text_encoder.eval()
-    return dict(steps=step, batch=batch, seconds=round(time.time() - start, 1), videos=stream.index)
+    return dict(steps=step, batch=batch, gpus=world, seconds=round(time.time() - start, 1),
+                videos=stream.index * world)
 
 
 # -------------------------------------------------------------------------------------------- samples
@@ -666,7 +720,9 @@ def readme_text(cfg, args, vae_stats, dit_stats, log, device, sizes, started, ea
         if vae_stats is not None else
         "- VAE: kept from the run this one resumed (see Earlier runs below); no VAE steps in this run",
         f"- transformer + text encoder: {dit_stats['steps']} steps in {dit_stats['seconds']} s, batch "
-        f"{dit_stats['batch']}, {dit_stats['videos']} videos of {cfg.frames}x{cfg.height}x{cfg.width}; "
+        f"{dit_stats['batch']}" + (f" per GPU x {dit_stats['gpus']} GPUs (data-parallel)"
+                                   if dit_stats.get("gpus", 1) > 1 else "")
+        + f", {dit_stats['videos']} videos of {cfg.frames}x{cfg.height}x{cfg.width}; "
         f"final flow-matching loss (mean of last 50 steps) {log.final_loss('transformer'):.5f}",
         f"- parameters: {sizes}",
         "- weights: transformer and VAE stored in fp16 (their float32-kept modules in fp32), text encoder in fp32",
@@ -706,12 +762,36 @@ def parse_args(argv):
                    help="a model folder written by this script: keep its VAE (and latent statistics) and train "
                         "its transformer + text encoder further for --dit-minutes (no VAE phase)")
     p.add_argument("--dit-lr", type=float, default=None, help="peak transformer learning rate")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="train the transformer data-parallel on this many GPUs (one process each; gloo processes "
+                        "on a CPU); needs --resume-from (the VAE phase runs on one GPU); --dit-batch is per GPU")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    t_start = time.time()
     argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.gpus < 1:
+        raise ValueError(f"--gpus must be at least 1, got {args.gpus}")
+    if args.gpus > 1:
+        if args.resume_from is None:
+            raise ValueError(f"--gpus {args.gpus} trains the transformer data-parallel and keeps a trained VAE: pass "
+                             "--resume-from a model folder (train the VAE and a first transformer with one GPU)")
+        from dit_sparse import parallel
+
+        parallel.launch(_rank_main, args.gpus, list(argv))
+        return 0
+    return run(argv)
+
+
+def _rank_main(rank: int, world: int, argv: list) -> None:
+    """One process of ``--gpus N`` (``dit_sparse.parallel.launch``): the transformer phase on GPU ``rank``;
+    rank 0 then saves, archives and writes the samples."""
+    run(argv, rank, world)
+
+
+def run(argv, rank: int = 0, world: int = 1) -> int:
+    t_start = time.time()
     args = parse_args(argv)
     cfg = smoke_config(args.seed) if args.smoke else TrainConfig(seed=args.seed)
     for name in ("vae_minutes", "dit_minutes", "vae_batch", "dit_batch", "dit_lr"):
@@ -719,18 +799,21 @@ def main(argv=None) -> int:
             setattr(cfg, name, getattr(args, name))
     check_config(cfg)
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank)
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     if args.smoke and device.type == "cpu":
         torch.set_num_threads(1)  # tiny tensors: more threads only add synchronisation (and fight on busy CPUs)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)  # rank 0 as a one-GPU run; DDP copies rank 0's weights to the others
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    print(f"device {device}, bf16 autocast {amp}, config {asdict(cfg)}", flush=True)
+    if rank == 0:
+        print(f"device {device} x {world}, bf16 autocast {amp}, config {asdict(cfg)}", flush=True)
 
     if args.resume_from is not None:
         components, earlier = load_for_resume(args.resume_from)
@@ -740,7 +823,7 @@ def main(argv=None) -> int:
         k: f"{sum(p.numel() for p in components[k].parameters()) / 1e6:.2f}M"
         for k in ("transformer", "vae", "text_encoder")
     }
-    log = TrainLog(every=1 if args.smoke else 50)
+    log = TrainLog(every=1 if args.smoke else 50, quiet=rank > 0)
     if earlier is None:
         vae_stats = train_vae(components["vae"], cfg, device, amp, log)
         components["vae"].requires_grad_(False)
@@ -748,7 +831,9 @@ def main(argv=None) -> int:
     else:
         vae_stats = None  # the resumed VAE and its latent statistics stay as they are
         components["vae"].to(device).eval().requires_grad_(False)
-    dit_stats = train_transformer(components, cfg, device, amp, log)
+    dit_stats = train_transformer(components, cfg, device, amp, log, rank, world)
+    if rank > 0:  # every rank holds the same weights now; rank 0 writes them
+        return 0
 
     from diffusers import WanPipeline
 

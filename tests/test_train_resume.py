@@ -54,3 +54,34 @@ def test_resume_from_a_folder_that_is_not_a_model_fails_clearly(script, tmp_path
     with pytest.raises(ValueError, match="not a model folder written by this script"):
         script.main(["--smoke", "--no-samples", "--out", str(tmp_path / "o"), "--resume-from", str(tmp_path)])
     assert not (tmp_path / "o").exists()
+
+
+def test_data_parallel_resume_on_two_cpu_ranks(script, tmp_path):
+    # --gpus 2 spawns two processes (gloo on a CPU): each renders its own videos, gradients are averaged,
+    # rank 0 writes the folder.
+    import subprocess
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert script.main(["--smoke", "--no-samples", "--out", str(first)]) == 0
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train_default_model.py"), "--smoke", "--no-samples", "--out",
+         str(second), "--resume-from", str(first), "--gpus", "2", "--dit-lr", "1e-3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    readme = (second / "README.md").read_text()
+    assert "batch 2 per GPU x 2 GPUs (data-parallel), 16 videos" in readme
+    vae_a, vae_b = _state(first, "vae"), _state(second, "vae")
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    dit_a, dit_b = _state(first, "transformer"), _state(second, "transformer")
+    assert any(not torch.equal(dit_a[k], dit_b[k]) for k in dit_a)
+    assert all(torch.isfinite(v.float()).all() for v in dit_b.values())
+    assert done.stdout.count("transformer step") == 2  # rank 0 logs, rank 1 stays quiet
+
+
+def test_data_parallel_needs_a_trained_vae(script, tmp_path):
+    with pytest.raises(ValueError, match="--resume-from"):
+        script.main(["--smoke", "--no-samples", "--out", str(tmp_path / "o"), "--gpus", "2"])
+    with pytest.raises(ValueError, match="--gpus must be at least 1"):
+        script.main(["--smoke", "--no-samples", "--out", str(tmp_path / "o"), "--gpus", "0"])
+    assert not (tmp_path / "o").exists()
