@@ -22,8 +22,10 @@ Both phases warm the learning rate up linearly (over a number of steps, but neve
 phase's time budget), then follow a cosine over the time budget down to 10 %. The defaults fit one
 9-minute GPU call (about 8 minutes of training plus setup, saving and samples); the log prints an ETA.
 
-It writes the diffusers folder (``--out``; fp16 weights, about 21 MB, 14 files) with ``README.md`` (data,
-steps, losses, time, GPU, date) and ``train_log.csv``, then reloads it and writes four sample files to
+After training it generates ``judge_prompts`` (48) held-out prompts and judges each video from its pixels
+(:mod:`dit_sparse.data.judge`, as ``scripts/prompt_following.py`` does), so every run records how well the
+model follows prompts. It writes the diffusers folder (``--out``; fp16 weights, about 21 MB, 14 files) with
+``README.md`` (data, steps, losses, prompt following, time, GPU, date) and ``train_log.csv``, then reloads it and writes four sample files to
 ``--samples-dir``: ``samples.mp4`` (all sample prompts tiled), ``samples_grid.png``, ``prompts.txt`` and
 ``vae_reconstruction_grid.png``. ``--archive FILE`` also packs the folder as a tar split into 15 MiB parts
 ``FILE.00``, ``FILE.01`` (for machines that hand back few, small files). ``--gpus N`` with ``--resume-from``
@@ -74,7 +76,8 @@ def _use_checkout_if_not_installed() -> None:
 
 _use_checkout_if_not_installed()
 
-from dit_sparse.data import render_videos, sample_spec, video_to_model_input  # noqa: E402
+from dit_sparse.data import judge_video, render_videos, sample_spec, video_to_model_input  # noqa: E402
+from dit_sparse.data.judge import accuracy  # noqa: E402
 from dit_sparse.pipelines.default_model import (  # noqa: E402
     DEFAULT_FPS,
     DEFAULT_FRAMES,
@@ -135,6 +138,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # samples
     sample_prompts: int = len(SAMPLE_PROMPTS)
+    judge_prompts: int = 48  # held-out prompts generated and judged after training (0: none)
     sample_steps: int = DEFAULT_NUM_INFERENCE_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
 
@@ -145,7 +149,7 @@ def smoke_config(seed: int) -> TrainConfig:
         seed=seed, vae_minutes=1.0, vae_max_steps=2, vae_batch=1, vae_frames=9, vae_crop=16, vae_short_every=2,
         vae_short_frames=5, vae_short_crop=32, vae_warmup_steps=1, stats_videos=2, dit_minutes=1.0,
         dit_max_steps=2, dit_batch=2, dit_warmup_steps=1, bank_size=4, bank_refresh=2, bank_refresh_every=1,
-        encode_batch=2, frames=9, height=64, width=64, sample_prompts=1, sample_steps=2,
+        encode_batch=2, frames=9, height=64, width=64, sample_prompts=1, sample_steps=2, judge_prompts=2,
     )
 
 
@@ -605,6 +609,42 @@ def save_png(array: np.ndarray, path: pathlib.Path) -> None:
     tmp.replace(path)
 
 
+# Held-out prompts: sample_spec(HELD_OUT_SEED, i), never drawn in training (scripts/prompt_following.py's default).
+HELD_OUT_SEED = 777
+
+
+def measure_prompt_following(pipe, cfg: TrainConfig, batch: int = 8) -> dict:
+    """Generate ``cfg.judge_prompts`` held-out prompts (``sample_spec(777, i)``, seed i, the sample steps and
+    guidance) and judge each video from its pixels (:func:`dit_sparse.data.judge_video`): the share judged
+    right per attribute and for all four, as ``scripts/prompt_following.py`` reports it."""
+    specs = [sample_spec(HELD_OUT_SEED, i) for i in range(cfg.judge_prompts)]
+    pipe.set_progress_bar_config(disable=True)
+    verdicts = []
+    for start in range(0, len(specs), batch):
+        chunk = specs[start:start + batch]
+        frames = pipe(
+            [s.prompt for s in chunk], num_frames=cfg.frames, height=cfg.height, width=cfg.width,
+            num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, output_type="np",
+            generator=[torch.Generator("cpu").manual_seed(start + j) for j in range(len(chunk))],
+        ).frames
+        verdicts += [judge_video(np.clip(np.asarray(v, dtype=np.float32), 0, 1), s) for v, s in zip(frames, chunk)]
+    return accuracy(verdicts)
+
+
+def prompt_following_line(cfg: TrainConfig, result: dict | str | None) -> list[str]:
+    """The README line of :func:`measure_prompt_following`'s result (or of why there is none)."""
+    if result is None:
+        return []
+    head = (f"- prompt following ({cfg.judge_prompts} held-out prompts `sample_spec({HELD_OUT_SEED}, i)`, "
+            f"{cfg.sample_steps} steps, guidance {cfg.guidance_scale}, judged from the pixels by "
+            "`dit_sparse.data.judge`; chance 11% / 11% / 11% / 20%): ")
+    if isinstance(result, str):
+        return [head + f"not measured ({result})"]
+    return [head + f"shape colour {100 * result['color']:.1f}%, background {100 * result['background']:.1f}%, "
+            f"motion {100 * result['motion']:.1f}%, shape {100 * result['shape']:.1f}%, "
+            f"all four {100 * result['all_correct']:.1f}%"]
+
+
 def write_samples(model_dir: pathlib.Path, samples_dir: pathlib.Path, cfg: TrainConfig, device) -> list:
     """Reload the saved folder, generate a video per sample prompt; write them tiled into one
     ``samples.mp4``, a PNG grid of their frames, the prompts, and a PNG of VAE reconstructions (four files)."""
@@ -689,7 +729,7 @@ def _earlier_runs(readme: str) -> list[str]:
     return out
 
 
-def readme_text(cfg, args, vae_stats, dit_stats, log, device, sizes, started, earlier=None) -> str:
+def readme_text(cfg, args, vae_stats, dit_stats, log, device, sizes, started, earlier=None, following=None) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})"
     import diffusers
     import transformers
@@ -724,6 +764,7 @@ def readme_text(cfg, args, vae_stats, dit_stats, log, device, sizes, started, ea
                                    if dit_stats.get("gpus", 1) > 1 else "")
         + f", {dit_stats['videos']} videos of {cfg.frames}x{cfg.height}x{cfg.width}; "
         f"final flow-matching loss (mean of last 50 steps) {log.final_loss('transformer'):.5f}",
+        *prompt_following_line(cfg, following),
         f"- parameters: {sizes}",
         "- weights: transformer and VAE stored in fp16 (their float32-kept modules in fp32), text encoder in fp32",
         "",
@@ -838,10 +879,20 @@ def run(argv, rank: int = 0, world: int = 1) -> int:
     from diffusers import WanPipeline
 
     for name in ("transformer", "vae", "text_encoder"):
-        components[name].to("cpu")
+        components[name].to(device)
     pipe = WanPipeline(**components)
+    following = None
+    if cfg.judge_prompts > 0:
+        try:
+            following = measure_prompt_following(pipe, cfg)
+        except (RuntimeError, ValueError) as err:  # the weights are what matters: save them whatever happens here
+            following = f"{type(err).__name__}: {err}"
+            print(f"prompt following not measured: {following}", flush=True)
+        else:
+            print("prompt following: " + prompt_following_line(cfg, following)[0].split("): ", 1)[1], flush=True)
+    pipe.to("cpu")
     command = ["python", "scripts/train_default_model.py", *argv]
-    readme = readme_text(cfg, command, vae_stats, dit_stats, log, device, sizes, started, earlier)
+    readme = readme_text(cfg, command, vae_stats, dit_stats, log, device, sizes, started, earlier, following)
     out = save_default_model(pipe, args.out, extra_files={"README.md": readme, "train_log.csv": log.csv_text()})
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({total / 1e6:.1f} MB)", flush=True)

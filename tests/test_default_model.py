@@ -387,6 +387,7 @@ def test_training_script_smoke_writes_a_loadable_model(tmp_path, monkeypatch):
     assert loaded.vae.config.latents_std != [1.0] * dm.Z_DIM  # measured on the data
     readme = (out / "README.md").read_text()
     assert "final flow-matching loss" in readme and "date:" in readme
+    assert "- prompt following (2 held-out prompts `sample_spec(777, i)`" in readme and "all four" in readme
     log = (out / "train_log.csv").read_text().splitlines()
     assert log[0] == "phase,step,elapsed_s,loss,lr,note"
     assert sum(r.startswith("vae,") for r in log) == 2 and sum(r.startswith("transformer,") for r in log) == 2

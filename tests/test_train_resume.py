@@ -85,3 +85,13 @@ def test_data_parallel_needs_a_trained_vae(script, tmp_path):
     with pytest.raises(ValueError, match="--gpus must be at least 1"):
         script.main(["--smoke", "--no-samples", "--out", str(tmp_path / "o"), "--gpus", "0"])
     assert not (tmp_path / "o").exists()
+
+
+def test_prompt_following_line_says_what_was_measured_or_why_not(script):
+    cfg = script.smoke_config(0)
+    result = {"color": 0.5, "background": 0.25, "motion": 0.0, "shape": 1.0, "all_correct": 0.0}
+    (line,) = script.prompt_following_line(cfg, result)
+    assert "2 held-out prompts" in line and "shape colour 50.0%, background 25.0%" in line and "shape 100.0%" in line
+    (line,) = script.prompt_following_line(cfg, "RuntimeError: CUDA out of memory")
+    assert line.endswith("not measured (RuntimeError: CUDA out of memory)")
+    assert script.prompt_following_line(cfg, None) == []
