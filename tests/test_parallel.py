@@ -26,7 +26,7 @@ from dit_sparse import parallel
 from dit_sparse.config import SparseAttentionConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _ulysses_harness import assert_close, run_ranks_and_single, save_rank_result  # noqa: E402
+from _ulysses_harness import assert_close, ring_refusals, run_ranks_and_single, save_rank_result  # noqa: E402
 
 WORLD = 2
 STEPS = (900.0, 700.0, 500.0, 300.0)  # fast preset: dense warm-up, then compute / reuse alternating
@@ -84,27 +84,8 @@ def _cases(rank_world=None):
 def _ring_errors(rank, world):
     """The messages ring attention raises with: applying to a ring-parallel model, first call after."""
     from _tiny_models import tiny_wan
-    from diffusers import ContextParallelConfig
 
-    from dit_sparse.apply import apply_sparse_attention
-
-    msgs = []
-    case = tiny_wan()
-    with parallel._cpu_device_count():
-        case.model.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
-    try:
-        apply_sparse_attention(case.model, SparseAttentionConfig(**SPARSE))
-    except ValueError as e:
-        msgs.append(str(e))
-    case = tiny_wan()
-    apply_sparse_attention(case.model, SparseAttentionConfig(**SPARSE))
-    with parallel._cpu_device_count():
-        case.model.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
-    try:
-        case.run()
-    except ValueError as e:
-        msgs.append(str(e))
-    return msgs
+    return ring_refusals(tiny_wan, world, SparseAttentionConfig(**SPARSE))
 
 
 def _worker(rank, world, out_dir):

@@ -30,7 +30,9 @@ from dit_sparse import parallel
 from dit_sparse.config import SparseAttentionConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _ulysses_harness import assert_close, run_ranks_and_single, save_rank_result  # noqa: E402
+from _ulysses_harness import (  # noqa: E402
+    assert_close, enable_diffusers_cp, raised_message, ring_refusals, run_ranks_and_single, save_rank_result,
+)
 
 WORLD = 2
 STEPS = (900.0, 700.0, 500.0, 300.0)
@@ -131,45 +133,18 @@ def _errors(rank, world):
     """The messages of the refusals: an uneven size without ulysses_anything, ring attention (at apply
     and at the first call), and a model parallelised with the plan alone (no mask hook)."""
     from _tiny_models import tiny_hunyuan_video
-    from diffusers import ContextParallelConfig
 
     from dit_sparse.apply import apply_sparse_attention
 
-    msgs = {}
     case = _uneven(tiny_hunyuan_video())
     parallel.enable_ulysses(case.model, world)
-    try:
-        case.run()
-    except ValueError as e:
-        msgs["uneven"] = str(e)
-    ring = []
-    case = tiny_hunyuan_video()
-    with parallel._cpu_device_count():
-        case.model.enable_parallelism(config=ContextParallelConfig(ring_degree=world),
-                                      cp_plan=parallel.HUNYUAN_VIDEO_CP_PLAN)
-    try:
-        apply_sparse_attention(case.model, SparseAttentionConfig(**SPARSE))
-    except ValueError as e:
-        ring.append(str(e))
+    msgs = {"uneven": raised_message(case.run)}
+    msgs["ring"] = ring_refusals(tiny_hunyuan_video, world, SparseAttentionConfig(**SPARSE),
+                                 parallel.HUNYUAN_VIDEO_CP_PLAN)
     case = tiny_hunyuan_video()
     apply_sparse_attention(case.model, SparseAttentionConfig(**SPARSE))
-    with parallel._cpu_device_count():
-        case.model.enable_parallelism(config=ContextParallelConfig(ring_degree=world),
-                                      cp_plan=parallel.HUNYUAN_VIDEO_CP_PLAN)
-    try:
-        case.run()
-    except ValueError as e:
-        ring.append(str(e))
-    msgs["ring"] = ring
-    case = tiny_hunyuan_video()
-    apply_sparse_attention(case.model, SparseAttentionConfig(**SPARSE))
-    with parallel._cpu_device_count():
-        case.model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world),
-                                      cp_plan=parallel.HUNYUAN_VIDEO_CP_PLAN)
-    try:
-        case.run()
-    except ValueError as e:
-        msgs["no_mask_hook"] = str(e)
+    enable_diffusers_cp(case.model, parallel.HUNYUAN_VIDEO_CP_PLAN, ulysses_degree=world)
+    msgs["no_mask_hook"] = raised_message(case.run)
     return msgs
 
 
