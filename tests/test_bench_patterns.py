@@ -1,24 +1,18 @@
 """scripts/bench_patterns.py's whole-run accounting, on CPU: the engine path, the preset cache policies,
 and what a run of L layers builds (static patterns once for all layers, dynamic ones per layer)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from dit_sparse.layout import TokenLayout
 from dit_sparse.presets import PRESETS
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script  # tests/ helper
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_patterns", ROOT / "scripts" / "bench_patterns.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_patterns")
 
 
 def test_policies_come_from_the_presets(bench):

@@ -1,15 +1,14 @@
 """scripts/bench_topk_build.py on CPU: one case end to end on a tiny shape (Triton interpreter, timings
 stubbed), a failing case recorded instead of ending the run, and the report written atomically."""
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script  # tests/ helper
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter"),
@@ -18,9 +17,7 @@ pytestmark = [
 
 @pytest.fixture()
 def bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_topk_build", ROOT / "scripts" / "bench_topk_build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("bench_topk_build")
     calls = []
     monkeypatch.setattr(module, "bench_ms", lambda fn: calls.append(fn()) or 1.0)
     monkeypatch.setattr(module, "SHAPES", {"tiny": ((2, 4, 4), (1, 2, 2), 2)})

@@ -6,7 +6,6 @@ The generation tests use the embedded default model at tiny sizes and few steps 
 from __future__ import annotations
 
 import importlib.machinery
-import importlib.util
 import json
 import math
 import os
@@ -31,7 +30,8 @@ from dit_sparse.cli.report import clean_for_json
 from dit_sparse.cli.side_by_side import side_by_side
 from dit_sparse.presets import PRESETS
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from _scripts import load_script  # tests/ helper
+
 PROMPT = "a red circle moving left on a blue background"  # in the default model's vocabulary
 # Tiny generation settings for the embedded default model: fast on a loaded 2-core CPU (guidance 1: no
 # classifier-free guidance, so one transformer call per step).
@@ -290,10 +290,7 @@ def test_generate_out_of_memory_is_reported(tmp_path, capsys, monkeypatch):
 
 # ---------------------------------------------------------------------------- quality report helpers
 def _load_quality_report():
-    spec = importlib.util.spec_from_file_location("quality_report", ROOT / "scripts" / "quality_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("quality_report")
 
 
 def test_quality_report_summary_markdown_and_plot(tmp_path):

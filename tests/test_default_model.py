@@ -1,6 +1,5 @@
 """The embedded default model (tiny Wan), the model registry, video writing and the training script, on CPU."""
 
-import importlib.util
 import io
 import json
 import pathlib
@@ -16,6 +15,8 @@ from dit_sparse.data import VOCABULARY
 from dit_sparse.pipelines import default_model as dm
 from dit_sparse.pipelines.registry import VideoSize, load_pipeline, valid_video_size
 from dit_sparse.pipelines.video import write_video
+
+from _scripts import load_script  # tests/ helper
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPT = "a red circle moving left on a blue background"
@@ -374,10 +375,7 @@ def test_training_script_smoke_writes_a_loadable_model(tmp_path, monkeypatch):
 
     # In-process rather than a subprocess: same code path as `python scripts/train_default_model.py --smoke`,
     # without paying for the diffusers import twice.
-    spec = importlib.util.spec_from_file_location("train_default_model", ROOT / "scripts" / "train_default_model.py")
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, script)  # dataclasses look their module up there
-    spec.loader.exec_module(script)
+    script = load_script("train_default_model", lambda m: monkeypatch.setitem(sys.modules, m.__name__, m))
     out, samples, archive = tmp_path / "model", tmp_path / "samples", tmp_path / "packed" / "model.tar"
     args = ["--smoke", "--out", str(out), "--samples-dir", str(samples), "--archive", str(archive)]
     assert script.main([*args, "--archive-part-mib", "8"]) == 0
@@ -407,14 +405,10 @@ def test_training_script_smoke_writes_a_loadable_model(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def train_script():
-    spec = importlib.util.spec_from_file_location("train_default_model", ROOT / "scripts" / "train_default_model.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # dataclasses look their module up there
     try:
-        spec.loader.exec_module(script)
-        yield script
+        yield load_script("train_default_model", lambda m: sys.modules.__setitem__(m.__name__, m))
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.modules.pop("train_default_model", None)
 
 
 def test_vae_loss_sees_the_decoder_output_before_the_clamp(train_script, pipe):

@@ -104,15 +104,13 @@ def test_sla_mode_builds_an_engine_and_round_trips():
 def test_preset_measurements_are_the_benchmark_numbers(tmp_path):
     """dit_sparse/presets_measured.json is what scripts/record_preset_measurements.py makes of the
     benchmark files in benchmarks/ - so nobody edits the numbers users see by hand."""
-    import importlib.util
     import json
     import pathlib
 
+    from _scripts import load_script
+
     root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("record_preset_measurements",
-                                                  root / "scripts" / "record_preset_measurements.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("record_preset_measurements")
     out = tmp_path / "measured.json"
     assert script.main(["--out", str(out)]) == 0
     shipped = json.loads((root / "dit_sparse" / "presets_measured.json").read_text())

@@ -5,9 +5,7 @@ Videos are 9 frames of 128x128 (the judge works on about 128 pixels whatever the
 tiny random-weight Wan pipeline saved as a model folder.
 """
 
-import importlib.util
 import json
-import pathlib
 import warnings
 
 import numpy as np
@@ -28,7 +26,8 @@ from dit_sparse.data.judge import (
 )
 from dit_sparse.data.vocabulary import COLORS, MOTIONS, SHAPES, TEXTURES
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from _scripts import load_script  # tests/ helper
+
 FRAMES, SIZE = 9, 128  # the CPU quick-check size; 17 and 33 frames in the hypothesis test
 VALIDATION_SEED = 12345
 
@@ -205,10 +204,7 @@ def test_chance_levels_match_the_spec_sampler():
 
 # ---------------------------------------------------------------------------------------------- script
 def _load_script():
-    spec = importlib.util.spec_from_file_location("prompt_following", ROOT / "scripts" / "prompt_following.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("prompt_following")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ and latent statistics untouched, and keeps the earlier run's record in the READM
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import sys
@@ -11,15 +10,14 @@ import sys
 import pytest
 import torch
 
+from _scripts import load_script  # tests/ helper
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def script(monkeypatch):
-    spec = importlib.util.spec_from_file_location("train_default_model", ROOT / "scripts" / "train_default_model.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_script("train_default_model", lambda m: monkeypatch.setitem(sys.modules, m.__name__, m))
     return module
 
 
