@@ -106,17 +106,23 @@ class BlockLayout:
     def from_block_mask_tensor(
         cls, mask: torch.Tensor, q_len: int, kv_len: int, block_q: int = 128, block_kv: int = 128
     ) -> "BlockLayout":
-        """Build from a boolean block mask ``[B, H, Mq, Mk]`` (True = keep that key block)."""
+        """Build from a boolean block mask ``[B, H, Mq, Mk]`` (True = keep that key block): each row's kept
+        blocks in ascending order, then zeros.
+
+        Sort-free (pattern builds call this on every refresh): a kept block's slot is the number of kept
+        blocks before it (prefix sum); dropped blocks are scattered to a spare slot past the end, which is
+        cut off. Broadcast (stride-0) masks convert too.
+        """
         if mask.dim() != 4:
             raise ValueError(f"block mask must be [B, H, Mq, Mk], got shape {tuple(mask.shape)}")
         mask = mask.bool()
-        counts = mask.sum(-1, dtype=torch.int32)
         mk = mask.shape[-1]
-        # Stable sort puts kept blocks first, in ascending block order.
-        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        slots = torch.arange(mk, device=mask.device, dtype=torch.int32)
-        indices = torch.where(slots < counts.unsqueeze(-1), order, torch.zeros_like(order))
-        return cls(counts.contiguous(), indices.contiguous(), q_len, kv_len, block_q, block_kv)
+        counts = mask.sum(-1, dtype=torch.int32)
+        slots = torch.cumsum(mask, -1, dtype=torch.int64).sub_(1).masked_fill_(~mask, mk)
+        blocks = torch.arange(mk, device=mask.device, dtype=torch.int32).expand(mask.shape)
+        indices = torch.zeros(*mask.shape[:-1], mk + 1, device=mask.device, dtype=torch.int32)
+        indices.scatter_(-1, slots, blocks)
+        return cls(counts.contiguous(), indices[..., :mk].contiguous(), q_len, kv_len, block_q, block_kv)
 
     @classmethod
     def dense(

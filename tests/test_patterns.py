@@ -411,17 +411,19 @@ def test_render_layout_pictures(tmp_path):
 @settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 2), h=st.integers(1, 3), mq=st.integers(1, 6), mk=st.integers(1, 9),
        p=st.sampled_from([0.0, 0.3, 0.7, 1.0]), seed=st.integers(0, 1000))
-def test_mask_to_layout_is_from_block_mask_tensor(b, h, mq, mk, p, seed):
-    from dit_sparse.patterns.base import mask_to_layout
-
+def test_from_block_mask_tensor_lists_kept_blocks_ascending_then_zeros(b, h, mq, mk, p, seed):
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(b, h, mq, mk, generator=g) < p
-    got = mask_to_layout(mask, mq * 4 - 1, mk * 4 - 3, 4, 4)
-    want = BlockLayout.from_block_mask_tensor(mask, mq * 4 - 1, mk * 4 - 3, 4, 4)
-    assert torch.equal(got.kv_counts, want.kv_counts) and torch.equal(got.kv_indices, want.kv_indices)
-    assert got.kv_counts.dtype == want.kv_counts.dtype and got.kv_indices.dtype == want.kv_indices.dtype
+    got = BlockLayout.from_block_mask_tensor(mask, mq * 4 - 1, mk * 4 - 3, 4, 4)
+    # Reference: a stable sort puts each row's kept blocks first, in ascending order; zeros after them.
+    counts = mask.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    indices = torch.where(torch.arange(mk, dtype=torch.int32) < counts.unsqueeze(-1), order, 0)
+    assert torch.equal(got.kv_counts, counts) and torch.equal(got.kv_indices, indices)
+    assert got.kv_counts.dtype == torch.int32 and got.kv_indices.dtype == torch.int32
     expanded = mask[:1, :1].expand(b, h, mq, mk)  # broadcast (stride-0) masks convert too
-    assert torch.equal(mask_to_layout(expanded, mq * 4, mk * 4, 4, 4).to_block_mask_tensor(), expanded)
+    assert torch.equal(BlockLayout.from_block_mask_tensor(expanded, mq * 4, mk * 4, 4, 4).to_block_mask_tensor(),
+                       expanded)
 
 
 @pytest.mark.parametrize("grid,tile,text,block", [((3, 5, 7), (2, 2, 3), 3, 5), ((4, 6, 10), (1, 2, 2), 0, 4)])

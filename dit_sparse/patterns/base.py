@@ -25,7 +25,7 @@ import torch
 from ..block_layout import BlockLayout
 from ..layout import BlockCoords, TokenLayout, _norm_device
 
-__all__ = ["PatternContext", "Pattern", "UnionPattern", "mask_to_layout"]
+__all__ = ["PatternContext", "Pattern", "UnionPattern"]
 
 
 @dataclass(frozen=True)
@@ -72,14 +72,10 @@ class PatternContext:
         return self.token_layout.block_coords(self.block_kv, self.device)
 
     def layout_from_mask(self, mask: torch.Tensor) -> BlockLayout:
-        """:class:`BlockLayout` from a bool block mask ``[B|1, H|1, Mq, Mk]`` (or ``[Mq, Mk]``).
-
-        The same layout as :meth:`BlockLayout.from_block_mask_tensor` (kept blocks ascending, padding 0),
-        computed with a prefix sum and one scatter instead of a sort.
-        """
+        """:class:`BlockLayout` from a bool block mask ``[B|1, H|1, Mq, Mk]`` (or ``[Mq, Mk]``)."""
         if mask.dim() == 2:
             mask = mask[None, None]
-        return mask_to_layout(mask, self.seq_len, self.seq_len, self.block_q, self.block_kv)
+        return BlockLayout.from_block_mask_tensor(mask, self.seq_len, self.seq_len, self.block_q, self.block_kv)
 
     def check_qk(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """Raise ValueError unless q and k are ``[batch, heads, seq_len, D]`` tensors on ``device``."""
@@ -227,22 +223,3 @@ class UnionPattern(Pattern):
 
     def _build(self, ctx, q, k) -> BlockLayout:
         return ctx.layout_from_mask(self._mask(ctx, q, k))
-
-
-def mask_to_layout(mask: torch.Tensor, q_len: int, kv_len: int, block_q: int, block_kv: int) -> BlockLayout:
-    """:class:`BlockLayout` of a bool block mask ``[B, H, Mq, Mk]``: the kept key blocks of each row in
-    ascending order, then zeros, exactly as :meth:`BlockLayout.from_block_mask_tensor` writes them.
-
-    Sort-free: a kept block's slot is the number of kept blocks before it (prefix sum); dropped blocks
-    are scattered to a spare slot past the end, which is cut off.
-    """
-    if mask.dim() != 4:
-        raise ValueError(f"block mask must be [B, H, Mq, Mk], got shape {tuple(mask.shape)}")
-    mask = mask.bool()
-    mk = mask.shape[-1]
-    counts = mask.sum(-1, dtype=torch.int32)
-    slots = torch.cumsum(mask, -1, dtype=torch.int64).sub_(1).masked_fill_(~mask, mk)
-    blocks = torch.arange(mk, device=mask.device, dtype=torch.int32).expand(mask.shape)
-    indices = torch.zeros(*mask.shape[:-1], mk + 1, device=mask.device, dtype=torch.int32)
-    indices.scatter_(-1, slots, blocks)
-    return BlockLayout(counts.contiguous(), indices[..., :mk].contiguous(), q_len, kv_len, block_q, block_kv)
