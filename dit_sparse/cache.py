@@ -290,8 +290,7 @@ class PatternCache:
                 reason = "drift"
         if reason is None:  # hit: counters only, no tensor work
             stats.hits += 1
-            serves = entry.build.serves
-            serves[key.layer] = serves.get(key.layer, 0) + 1
+            self._count_serve(entry.build, key.layer)
             return entry.layout
 
         layout, seconds = self._timed_build(build_fn, self.profile if sync is None else sync)

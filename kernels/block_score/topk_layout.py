@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dit_sparse.block_layout import cdiv
+
 from .api import _check, _use_triton
 from .pool_score import block_means_tile
 
@@ -79,10 +81,6 @@ MAX_KV_BLOCKS = 4096
 FUSED_MAX_KV_BLOCKS = 512
 # Elements of the [BM, BN] register tile of the select kernel (query rows x key blocks).
 _TILE_ELEMENTS = 8192
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------- pooling
@@ -197,14 +195,14 @@ def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int
     ``[B, H, D, Mq]`` and ``[B, H, D, Mk]`` (transposed; tail blocks averaged over their true length)."""
     b, h, sq, d = q.shape
     sk = k.shape[2]
-    mq, mk = _cdiv(sq, block_q), _cdiv(sk, block_kv)
+    mq, mk = cdiv(sq, block_q), cdiv(sk, block_kv)
     qt = torch.empty(b, h, d, mq, device=q.device, dtype=torch.float32)
     kt = torch.empty(b, h, d, mk, device=q.device, dtype=torch.float32)
     bd = triton.next_power_of_2(d)
     # As mean_pool_triton: a [BM blocks, BT rows, BD dims] tile of about 8K elements per step.
     bt = max(1, min(triton.next_power_of_2(max(block_q, block_kv)), 8192 // bd, 64))
     bm = max(1, min(triton.next_power_of_2(max(mq, mk)), 8192 // (bd * bt), 64))
-    _pool_qk_kernel[(_cdiv(max(mq, mk), bm), b * h, 2)](
+    _pool_qk_kernel[(cdiv(max(mq, mk), bm), b * h, 2)](
         q, k, qt, kt, sq, sk, d, h, mq, mk, block_q, block_kv, *q.stride(), *k.stride(), BM=bm, BT=bt, BD=bd,
     )
     return qt, kt
@@ -237,7 +235,7 @@ def topk_select_triton(
     else:
         out = torch.empty(b, h, mq, mk, device=dev, dtype=torch.int32)
         counts = torch.empty(b, h, mq, device=dev, dtype=torch.int32)
-    _topk_select_kernel[(_cdiv(mq, bm), b * h)](
+    _topk_select_kernel[(cdiv(mq, bm), b * h)](
         q_t, k_t, counts, out, mq, mk, d, float(scale), float(tail_log), int(n_floor),
         _f64_bits(threshold if threshold is not None else 0.5),
         THRESHOLD=threshold is not None, OUT_MASK=out_mask, BM=bm, BN=bn, LOG_BN=bn.bit_length() - 1,
@@ -276,7 +274,7 @@ def _keep_rule(mk: int, ratio, threshold, min_blocks) -> tuple[int, float | None
 def _run(q, k, block_q, block_kv, ratio, threshold, min_blocks, scale, out_mask):
     _check(q, k, block_q, block_kv, "triton")
     _use_triton(q, "triton")  # raises on CPU tensors without the interpreter
-    mk = _cdiv(k.shape[2], block_kv)
+    mk = cdiv(k.shape[2], block_kv)
     if mk > MAX_KV_BLOCKS:
         raise ValueError(
             f"{mk} key blocks (kv_len {k.shape[2]} / block_kv {block_kv}) exceed the fused top-k kernel's "
@@ -339,7 +337,7 @@ def naive_topk_layout(
     q, k = q.double().cpu(), k.double().cpu()
     b, h, sq, d = q.shape
     sk = k.shape[2]
-    mq, mk = _cdiv(sq, block_q), _cdiv(sk, block_kv)
+    mq, mk = cdiv(sq, block_q), cdiv(sk, block_kv)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     n_floor, thr = _keep_rule(mk, ratio, threshold, min_blocks)
     qp = torch.stack([q[:, :, s: s + block_q].mean(2) for s in range(0, sq, block_q)], 2)

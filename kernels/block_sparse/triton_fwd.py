@@ -144,7 +144,7 @@ def _fwd_step(
 @triton.jit
 def _linear_rows(
     q, OL, LIN_R, LIN_Z, pid_bh, pid_m, q_len, eps, offs_m, offs_d,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, FEATURE_MAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, FEATURE_MAP: tl.constexpr,
 ):
     """Sparse-linear attention's linear output of one query block (``LINEAR`` launches):
     ``o_l = phi(q) R_i / (max(phi(q) . r_i, 0) + eps)`` with this block's complement states ``R_i``
@@ -259,7 +259,7 @@ def _block_sparse_fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=row_ok)
     if LINEAR:
         _linear_rows(q, OL, LIN_R, LIN_Z, pid_bh, pid_m, q_len, lin_eps, offs_m, offs_d,
-                     HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, FEATURE_MAP)
+                     HEAD_DIM, BLOCK_M, FEATURE_MAP)
 
 
 def block_sparse_fwd(

@@ -76,13 +76,11 @@ def sla_forward(
     mq, mk = cdiv(sq, block_q), cdiv(sk, block_kv)
     counts = kv_counts.expand(b, h, mq)
     indices = kv_indices.expand(b, h, mq, mk)
-    o_l = torch.empty(b, h, sq, d, device=q.device, dtype=q.dtype)
-    if b * h * sq == 0:
-        return torch.zeros_like(o_l), o_l, torch.full((b, h, sq), float("-inf"), device=q.device)
-    if sk == 0:
-        z = torch.zeros_like(o_l)
-        return z, z.clone(), torch.full((b, h, sq), float("-inf"), device=q.device)
+    if b * h * sq == 0 or sk == 0:  # nothing to attend to: zero outputs, no row has a critical block
+        zeros = torch.zeros(b, h, sq, d, device=q.device, dtype=q.dtype)
+        return zeros, zeros.clone(), torch.full((b, h, sq), float("-inf"), device=q.device)
     r, z = linear_states(k, v, counts, indices, block_kv, feature_map_id)
+    o_l = torch.empty(b, h, sq, d, device=q.device, dtype=q.dtype)
     o_s, lse = block_sparse_fwd(
         q, k, v, kv_counts, kv_indices, scale, block_q, block_kv,
         linear=LinearBranch(r, z, o_l, feature_map_id, eps),
