@@ -136,9 +136,14 @@ def _index_tensor(values: tuple, device) -> torch.Tensor:
 def _tile_coords(tl, device) -> tuple:
     """(t, h, w) tile-grid coordinates of every tile, in raster order, each int64 ``[T, 1]``. Cached per
     (layout, device): do not modify."""
-    _, nh, nw = tl.tile_grid
-    a = torch.arange(tl.num_tiles, device=device)[:, None]
-    return a // (nh * nw), (a // nw) % nh, a % nw
+    return _raster_to_thw(torch.arange(tl.num_tiles, device=device)[:, None], tl.tile_grid)
+
+
+def _raster_to_thw(ids: torch.Tensor, tile_grid) -> tuple:
+    """(t, h, w) tile-grid coordinates of raster tile ids (any shape; the id past the last tile maps to the
+    next t layer)."""
+    _, nh, nw = tile_grid
+    return ids // (nh * nw), (ids // nw) % nh, ids % nw
 
 
 @functools.lru_cache(maxsize=64)
@@ -148,16 +153,11 @@ def _block_tiles(tl, block: int, device):
     :func:`_count_below`). Cached per (layout, block, device): do not modify."""
     ids = tl.tile_ids(device)
     v = tl.video_len
-    _, nh, nw = tl.tile_grid
     starts = torch.arange(tl.num_blocks(block), device=device) * block
     has = starts < v
     first = ids[starts.clamp(max=v - 1)]
     stop = ids[(starts + block).clamp(max=v) - 1] + 1
-
-    def split(x):
-        return x // (nh * nw), (x // nw) % nh, x % nw
-
-    return first, stop, has, split(first), split(stop)
+    return first, stop, has, _raster_to_thw(first, tl.tile_grid), _raster_to_thw(stop, tl.tile_grid)
 
 
 def _count_below(x, starts, sizes) -> torch.Tensor:
