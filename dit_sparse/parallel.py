@@ -171,6 +171,11 @@ def propagate_parallel_config(transformer, extra=()) -> None:
             proc._parallel_config = parallel
 
 
+def _rank_and_count(cp) -> tuple[int, int, bool]:
+    mesh = cp._flattened_mesh
+    return torch.distributed.get_rank(mesh.get_group()), mesh.size(), bool(cp.ulysses_anything)
+
+
 def _shard_sizes(total: int, count: int, uneven: bool) -> list[int] | None:
     if uneven:  # torch.tensor_split: the first (total % count) shards are one longer
         base, extra = divmod(total, count)
@@ -184,8 +189,8 @@ def full_sequence_length(local_len: int, grid_len: int, cp) -> int | None:
     ``cp``: the ``ContextParallelConfig``. ``None`` means the tokens are not the video grid sharded as
     diffusers shards it (e.g. a shape the kernel path does not handle); the caller computes stock.
     """
-    rank = torch.distributed.get_rank(cp._flattened_mesh.get_group())
-    sizes = _shard_sizes(grid_len, cp._flattened_mesh.size(), bool(cp.ulysses_anything))
+    rank, count, uneven = _rank_and_count(cp)
+    sizes = _shard_sizes(grid_len, count, uneven)
     if sizes is None or sizes[rank] != local_len:
         return None
     return grid_len
@@ -198,8 +203,7 @@ def full_joint_lengths(video_local: int, text_local: int, video_len: int, text_l
     Joint attention under Ulysses (HunyuanVideo with :data:`HUNYUAN_VIDEO_CP_PLAN`): each rank's sequence is
     ``[video_r, text_r]``. ``cp``: the ``ContextParallelConfig``.
     """
-    rank = torch.distributed.get_rank(cp._flattened_mesh.get_group())
-    count, uneven = cp._flattened_mesh.size(), bool(cp.ulysses_anything)
+    rank, count, uneven = _rank_and_count(cp)
     videos, texts = _shard_sizes(video_len, count, uneven), _shard_sizes(text_len, count, uneven)
     if videos is None or texts is None or videos[rank] != video_local or texts[rank] != text_local:
         return None
@@ -395,11 +399,6 @@ def cp_plan_for(transformer):
             return HUNYUAN_VIDEO_CP_PLAN
         return _hunyuan_video_cp_plan("single_transformer_blocks.0")
     return getattr(transformer, "_cp_plan", None)
-
-
-def _rank_and_count(cp) -> tuple[int, int, bool]:
-    mesh = cp._flattened_mesh
-    return torch.distributed.get_rank(mesh.get_group()), mesh.size(), bool(cp.ulysses_anything)
 
 
 class _HunyuanSizeCheckHook(ModelHook):
