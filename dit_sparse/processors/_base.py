@@ -73,12 +73,15 @@ class SparseProcessorMixin:
         if cp is not None:
             parallel.check_supported(self.family_name, engine.config)
             call = engine.active_call
-            if call is not None and text_len == 0:
+            if call is not None:  # this rank's shard -> the full sequence the plan is made for
                 f, h, w = call.grid
-                full = parallel.full_sequence_length(video_len, f * h * w, cp)
+                if text_len == 0:
+                    full = parallel.full_sequence_length(video_len, f * h * w, cp)
+                else:  # joint attention (HunyuanVideo): shards of the video and of the text tokens
+                    full = parallel.full_joint_lengths(video_len, text_len, f * h * w, call.text_len, cp)
                 if full is None:
                     return engine._passthrough("parallel_shard")
-                video_len = full
+                video_len, text_len = (full, 0) if text_len == 0 else full
         return engine.plan(attn, head_dim, video_len, text_len, text_first)
 
     def _attend(self, plan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -47,15 +47,20 @@ class HunyuanVideoSparseAttnProcessor(SparseProcessorMixin, HunyuanVideoAttnProc
         plan = None
         mask_ok = attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4
                                              and attention_mask.shape[1:3] == (1, 1))
-        if encoder_hidden_states is not None and mask_ok and self.engine is not None:
-            lengths = self._full_lengths(hidden_states.shape[1], encoder_hidden_states.shape[1], attention_mask)
-            if lengths is not None:
-                head_dim = attn.to_q.out_features // attn.heads
-                plan = self._plan(attn, head_dim, lengths[0], lengths[1], False)
+        if encoder_hidden_states is not None and mask_ok:
+            head_dim = attn.to_q.out_features // attn.heads
+            plan = self._plan(attn, head_dim, hidden_states.shape[1], encoder_hidden_states.shape[1], False)
         if plan is None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
         n_video, n_text = hidden_states.shape[1], encoder_hidden_states.shape[1]
+        if attention_mask is not None and attention_mask.shape[-1] != n_video + n_text:
+            raise ValueError(
+                f"HunyuanVideo under context parallelism: the attention mask has {attention_mask.shape[-1]} keys "
+                f"but this rank holds {n_video} video + {n_text} text tokens; enable context parallelism with "
+                f"dit_sparse.parallel.enable_ulysses (it uses parallel.HUNYUAN_VIDEO_CP_PLAN and cuts the mask "
+                f"per rank), not enable_parallelism alone"
+            )
         single_stream = attn.add_q_proj is None
         x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single_stream else hidden_states
         query, key, value = (_heads(p(x), attn.heads) for p in (attn.to_q, attn.to_k, attn.to_v))
@@ -89,32 +94,6 @@ class HunyuanVideoSparseAttnProcessor(SparseProcessorMixin, HunyuanVideoAttnProc
         if getattr(attn, "to_add_out", None) is not None:
             text_out = attn.to_add_out(text_out)
         return video_out, text_out
-
-    def _full_lengths(self, n_video: int, n_text: int, attention_mask) -> tuple[int, int] | None:
-        """The (video, text) lengths of the full joint sequence the engine plans for: the call's own
-        lengths in one process; under context parallelism the unsplit lengths of the hook's call info,
-        ``None`` (computed stock) when this call does not hold the plan's shards."""
-        from .. import parallel
-
-        cp = parallel.context_parallel_config(self)  # ring attention raises here
-        if cp is None:
-            return n_video, n_text
-        parallel.check_supported(self.family_name, self.engine.config)
-        call = self.engine.active_call
-        if call is None:
-            return n_video, n_text  # the engine counts it as "no_call_info" and computes stock
-        f, h, w = call.grid
-        full = parallel.full_joint_lengths(n_video, n_text, f * h * w, call.text_len, cp)
-        if full is None:
-            return self.engine._passthrough("parallel_shard")
-        if attention_mask is not None and attention_mask.shape[-1] != n_video + n_text:
-            raise ValueError(
-                f"HunyuanVideo under context parallelism: the attention mask has {attention_mask.shape[-1]} keys "
-                f"but this rank holds {n_video} video + {n_text} text tokens; enable context parallelism with "
-                f"dit_sparse.parallel.enable_ulysses (it uses parallel.HUNYUAN_VIDEO_CP_PLAN and cuts the mask "
-                f"per rank), not enable_parallelism alone"
-            )
-        return full
 
 
 def _call_info(module, args: dict):
