@@ -55,7 +55,7 @@ from dit_sparse.cli.options import positive_int
 from dit_sparse.cli.outputs import OutputSet, write_json
 from dit_sparse.cli.report import clean_for_json
 from dit_sparse.cli.run import DTYPES, GenerationSettings, check_video_size, load, resolve_preset, versions
-from dit_sparse.data import render_videos, sample_spec, video_to_model_input
+from dit_sparse.data import HELD_OUT_SPEC_SEED, held_out_specs, render_videos, video_to_model_input
 from dit_sparse.data.judge import ATTRIBUTES, accuracy, chance_accuracy, degrade_video, judge_video
 from dit_sparse.pipelines.default_model import (
     DEFAULT_FRAMES,
@@ -66,7 +66,6 @@ from dit_sparse.pipelines.default_model import (
 )
 
 DEFAULT_N = 48  # prompts; with 8 motions x 9 colours x 5 shapes, about 6 per motion
-HELD_OUT_SPEC_SEED = 777  # training uses sample_spec seeds 0-4 (SpecStream(cfg.seed * 2 + k), seed 0)
 GPU_BATCH, CPU_BATCH = 8, 1
 SHEET_VIDEOS, SHEET_FRAMES = 6, 5  # contact sheet: the first 6 videos of the first preset, 5 frames each
 COLUMNS = (*ATTRIBUTES, "all_correct")
@@ -75,11 +74,6 @@ RENDERS, VAE_ROUND_TRIP, DEGRADED = "renders", "renders through VAE", "renders, 
 
 
 # ---------------------------------------------------------------------------------------------- videos
-def held_out_specs(n: int, spec_seed: int) -> list:
-    """The ``n`` held-out specs: ``sample_spec(spec_seed, i)`` for i < n."""
-    return [sample_spec(spec_seed, i) for i in range(n)]
-
-
 def rendered(specs, settings: GenerationSettings, chunk: int = 8):
     """Ground-truth renders of ``specs`` at the settings' size, float ``[F, H, W, 3]`` on the CPU, one by one."""
     for start in range(0, len(specs), chunk):

@@ -76,7 +76,9 @@ def _use_checkout_if_not_installed() -> None:
 
 _use_checkout_if_not_installed()
 
-from dit_sparse.data import judge_video, render_videos, sample_spec, video_to_model_input  # noqa: E402
+from dit_sparse.data import (  # noqa: E402
+    HELD_OUT_SPEC_SEED, held_out_specs, judge_video, render_videos, sample_spec, video_to_model_input,
+)
 from dit_sparse.data.judge import accuracy  # noqa: E402
 from dit_sparse.pipelines.default_model import (  # noqa: E402
     DEFAULT_FPS,
@@ -261,7 +263,7 @@ def render_batch(stream: SpecStream, n: int, frames: int, height: int, width: in
 
 
 # Rank r of a data-parallel run draws its videos from spec seed ``seed * 2 + 2 + r * this`` (rank 0 as a
-# one-GPU run; held-out prompts use seed 777).
+# one-GPU run; held-out prompts use HELD_OUT_SPEC_SEED, 777).
 _RANK_STREAM_OFFSET = 1000
 
 
@@ -609,15 +611,11 @@ def save_png(array: np.ndarray, path: pathlib.Path) -> None:
     tmp.replace(path)
 
 
-# Held-out prompts: sample_spec(HELD_OUT_SEED, i), never drawn in training (scripts/prompt_following.py's default).
-HELD_OUT_SEED = 777
-
-
 def measure_prompt_following(pipe, cfg: TrainConfig, batch: int = 8) -> dict:
-    """Generate ``cfg.judge_prompts`` held-out prompts (``sample_spec(777, i)``, seed i, the sample steps and
-    guidance) and judge each video from its pixels (:func:`dit_sparse.data.judge_video`): the share judged
-    right per attribute and for all four, as ``scripts/prompt_following.py`` reports it."""
-    specs = [sample_spec(HELD_OUT_SEED, i) for i in range(cfg.judge_prompts)]
+    """Generate ``cfg.judge_prompts`` held-out prompts (:func:`dit_sparse.data.held_out_specs`, seed i, the
+    sample steps and guidance) and judge each video from its pixels (:func:`dit_sparse.data.judge_video`):
+    the share judged right per attribute and for all four, as ``scripts/prompt_following.py`` reports it."""
+    specs = held_out_specs(cfg.judge_prompts)
     pipe.set_progress_bar_config(disable=True)
     verdicts = []
     for start in range(0, len(specs), batch):
@@ -635,7 +633,7 @@ def prompt_following_line(cfg: TrainConfig, result: dict | str | None) -> list[s
     """The README line of :func:`measure_prompt_following`'s result (or of why there is none)."""
     if result is None:
         return []
-    head = (f"- prompt following ({cfg.judge_prompts} held-out prompts `sample_spec({HELD_OUT_SEED}, i)`, "
+    head = (f"- prompt following ({cfg.judge_prompts} held-out prompts `sample_spec({HELD_OUT_SPEC_SEED}, i)`, "
             f"{cfg.sample_steps} steps, guidance {cfg.guidance_scale}, judged from the pixels by "
             "`dit_sparse.data.judge`; chance 11% / 11% / 11% / 20%): ")
     if isinstance(result, str):

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dit_sparse.data import PromptAttributes, VideoSpec, render_videos, sample_spec
+from dit_sparse.data import HELD_OUT_SPEC_SEED, PromptAttributes, VideoSpec, render_videos, sample_spec
 from dit_sparse.data.judge import (
     ATTRIBUTES,
     STILL,
@@ -245,10 +245,10 @@ def test_script_writes_json_markdown_and_sheet(tiny_model_folder, tmp_path, caps
                                                      "prompt_following.png"]
     data = json.loads((out / "prompt_following.json").read_text())
     assert [r["source"] for r in data["rows"]] == ["renders", "renders through VAE", "dense", "fast"]
-    assert data["n"] == 2 and data["spec_seed"] == pf.HELD_OUT_SPEC_SEED and data["model"] == str(tiny_model_folder)
+    assert data["n"] == 2 and data["spec_seed"] == HELD_OUT_SPEC_SEED and data["model"] == str(tiny_model_folder)
     assert data["rows"][0]["accuracy"]["all_correct"] == 1.0  # renders: the judge itself
     assert data["chance"] == pytest.approx(chance_accuracy())
-    prompts = [sample_spec(pf.HELD_OUT_SPEC_SEED, i).prompt for i in range(2)]
+    prompts = [sample_spec(HELD_OUT_SPEC_SEED, i).prompt for i in range(2)]
     dense = [v for v in data["videos"] if v["source"] == "dense"]
     assert [v["prompt"] for v in dense] == prompts and [v["seed"] for v in dense] == [0, 1]
     md = (out / "prompt_following.md").read_text()

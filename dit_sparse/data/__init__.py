@@ -13,18 +13,20 @@ Videos come as ``[F, H, W, 3]`` (uint8 from the data sets, float [0, 1] from :fu
 """
 
 from .judge import judge_video
-from .procedural import ProceduralVideoDataset, VideoSpec, render_videos, sample_spec
+from .procedural import HELD_OUT_SPEC_SEED, ProceduralVideoDataset, VideoSpec, held_out_specs, render_videos, sample_spec
 from .tensors import model_input_to_video, video_to_model_input
 from .video_folder import VideoFolderDataset, read_video
 from .vocabulary import VOCABULARY, PromptAttributes, compose_prompt, parse_prompt
 
 __all__ = [
+    "HELD_OUT_SPEC_SEED",
     "VOCABULARY",
     "ProceduralVideoDataset",
     "PromptAttributes",
     "VideoFolderDataset",
     "VideoSpec",
     "compose_prompt",
+    "held_out_specs",
     "judge_video",
     "model_input_to_video",
     "parse_prompt",

@@ -22,7 +22,11 @@ import torch
 
 from .vocabulary import COLORS, DIRECTIONS, SHAPES, TEXTURES, PromptAttributes, compose_prompt
 
-__all__ = ["ProceduralVideoDataset", "VideoSpec", "render_videos", "sample_spec"]
+__all__ = ["HELD_OUT_SPEC_SEED", "ProceduralVideoDataset", "VideoSpec", "held_out_specs", "render_videos", "sample_spec"]
+
+# Seed of the held-out prompts that prompt following is measured on (scripts/prompt_following.py, and the
+# training script after each run); the default model trains on seeds 0-4 (and 1002+ on more GPUs).
+HELD_OUT_SPEC_SEED = 777
 
 _MOTION_KINDS = tuple(f"moving {d}" for d in DIRECTIONS) + ("bouncing", "growing", "shrinking", "turning")
 
@@ -88,6 +92,11 @@ def sample_spec(seed: int, index: int) -> VideoSpec:
         x0, y0 = float(rng.uniform(0.35, 0.65)), float(rng.uniform(0.35, 0.65))
     period = float(rng.uniform(0.1, 0.16))
     return VideoSpec(attrs, size, x0, y0, travel, bounces, growth, period)
+
+
+def held_out_specs(n: int, spec_seed: int = HELD_OUT_SPEC_SEED) -> list:
+    """The ``n`` held-out specs: ``sample_spec(spec_seed, i)`` for i < n."""
+    return [sample_spec(spec_seed, i) for i in range(n)]
 
 
 def _trajectory(spec: VideoSpec, t: np.ndarray):
