@@ -25,6 +25,7 @@ __all__ = [
     "markdown_table",
     "write_report",
     "rel_rms",
+    "sync",
 ]
 
 
@@ -34,6 +35,12 @@ def bench_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 10
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def sync(device) -> None:
+    """Wait for ``device`` (a CUDA device; a no-op for others) to finish its queued work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def env_info() -> dict:

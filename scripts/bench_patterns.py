@@ -62,7 +62,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import bench_ms, env_info, markdown_table, rel_rms, write_report  # noqa: E402
+from _bench_util import bench_ms, env_info, markdown_table, rel_rms, sync, write_report  # noqa: E402
 
 from dit_sparse.config import SparseAttentionConfig  # noqa: E402
 from dit_sparse.engine import SparseAttentionEngine, build_pattern  # noqa: E402
@@ -116,11 +116,6 @@ def structured_qk(tl: TokenLayout, device, dtype, n_global: int = 8, seed: int =
     return q.to(device, dtype), k.to(device, dtype)
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_build(pattern, ctx, q, k, cold: bool, reps: int = 5) -> float:
     """Median ms of one build (synchronised). ``cold``: drop a union's memoised static mask first."""
     def build():
@@ -129,12 +124,12 @@ def timed_build(pattern, ctx, q, k, cold: bool, reps: int = 5) -> float:
         return pattern.build(ctx, q, k) if pattern.needs_qk else pattern.build(ctx)
 
     build()
-    _sync(ctx.device)
+    sync(ctx.device)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         build()
-        _sync(ctx.device)
+        sync(ctx.device)
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
@@ -180,11 +175,11 @@ def engine_run(config: SparseAttentionConfig, tl: TokenLayout, q, k, v, layers: 
             else:
                 acc["hits"] += 1
             return layout
-        _sync(device)  # the device is idle: a build's device work is timed on its own
+        sync(device)  # the device is idle: a build's device work is timed on its own
         t0 = time.perf_counter()
         layout = real_get_or_build(key, step, build, *args, **kwargs)
         if built:
-            _sync(device)
+            sync(device)
             acc["build_s"] += time.perf_counter() - t0
             acc["builds"] += 1
         else:  # a hit queues no device work (tests/test_cache.py checks it): its cost is host time
@@ -194,7 +189,7 @@ def engine_run(config: SparseAttentionConfig, tl: TokenLayout, q, k, v, layers: 
 
     cache.get_or_build = timed_get_or_build
     video_len = tl.video_len
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for step in range(steps):
         engine.begin_call(tl.grid, 0, 1000.0 * (1 - step / steps), step_index=step, num_steps=steps)
@@ -203,7 +198,7 @@ def engine_run(config: SparseAttentionConfig, tl: TokenLayout, q, k, v, layers: 
             if plan is not None:
                 engine.attend(plan, q, k, v)
         engine.end_call()
-    _sync(device)
+    sync(device)
     wall = time.perf_counter() - t0
     acc["build_s"] += sum(a.elapsed_time(b) for a, b in events) * 1e-3
     stats = cache.stats()

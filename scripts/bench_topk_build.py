@@ -36,7 +36,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import bench_ms, env_info, markdown_table, write_report  # noqa: E402
+from _bench_util import bench_ms, env_info, markdown_table, sync, write_report  # noqa: E402
 
 from dit_sparse.layout import TokenLayout  # noqa: E402
 from dit_sparse.patterns import PatternContext, TopK  # noqa: E402
@@ -63,21 +63,16 @@ def make_qk(heads: int, seq: int, device, dtype=torch.bfloat16, seed: int = 0):
     return q.to(dtype), k.to(dtype)
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def host_us(fn, device, reps: int | None = None) -> float:
     """Mean host time (us) to enqueue ``fn`` (no sync between calls; one before and after)."""
     reps = reps or HOST_REPS
     fn()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
     t1 = time.perf_counter()
-    _sync(device)
+    sync(device)
     return (t1 - t0) / reps * 1e6
 
 
