@@ -31,7 +31,7 @@ import triton.language as tl
 from ._common import (
     LOG2E, broadcast_strides, ensure_tma_allocator, interpreting, new_output, padded_head_dim, tma_eligible,
 )
-from ..sparse_linear.triton_common import phi_fwd
+from ..sparse_linear.triton_common import linear_rows
 from .layout_ops import full_rows_hint
 
 __all__ = ["block_sparse_fwd", "FwdConfig", "FWD_TUNE_SPACE", "LinearBranch"]
@@ -141,28 +141,6 @@ def _fwd_step(
     return acc, l_i, m_ij
 
 
-@triton.jit
-def _linear_rows(
-    q, OL, LIN_R, LIN_Z, pid_bh, pid_m, q_len, eps, offs_m, offs_d,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, FEATURE_MAP: tl.constexpr,
-):
-    """Sparse-linear attention's linear output of one query block (``LINEAR`` launches):
-    ``o_l = phi(q) R_i / (max(phi(q) . r_i, 0) + eps)`` with this block's complement states ``R_i``
-    (``[D, D]``, zero when the block keeps every key block) and ``r_i`` (fp32 ``[D]``), written to OL
-    (contiguous ``[B*H, Sq, D]``). One MMA per query block."""
-    valid = (offs_m < q_len)[:, None] & (offs_d[None, :] < HEAD_DIM)
-    f = phi_fwd(q.to(tl.float32), valid, FEATURE_MAP)
-    st = pid_bh.to(tl.int64) * tl.cdiv(q_len, BLOCK_M) + pid_m
-    d_ok = offs_d < HEAD_DIM
-    r = tl.load(LIN_Z + st * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-    den = tl.maximum(tl.sum(f * r[None, :], 1), 0.0) + eps
-    rs = tl.load(LIN_R + st * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
-                 mask=d_ok[:, None] & d_ok[None, :], other=0.0)
-    o_l = tl.dot(f.to(rs.dtype), rs) * (1.0 / den)[:, None]
-    ol_ptrs = OL + pid_bh.to(tl.int64) * q_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(ol_ptrs, o_l.to(OL.dtype.element_ty), mask=valid)
-
-
 @triton.autotune(
     configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_KV", "TMA_OK", "LINEAR", "FEATURE_MAP"],
     prune_configs_by={"early_config_prune": _prune},
@@ -258,8 +236,8 @@ def _block_sparse_fwd_kernel(
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=row_ok)
     if LINEAR:
-        _linear_rows(q, OL, LIN_R, LIN_Z, pid_bh, pid_m, q_len, lin_eps, offs_m, offs_d,
-                     HEAD_DIM, BLOCK_M, FEATURE_MAP)
+        linear_rows(q, OL, LIN_R, LIN_Z, pid_bh, pid_m, q_len, lin_eps, offs_m, offs_d,
+                    HEAD_DIM, BLOCK_M, FEATURE_MAP)
 
 
 def block_sparse_fwd(

@@ -35,7 +35,7 @@ from dit_sparse.block_layout import cdiv
 from ..block_sparse._common import padded_head_dim
 from ..block_sparse.layout_ops import cached_transpose
 from ..block_sparse.triton_bwd import block_sparse_bwd
-from .triton_common import phi_bwd, phi_fwd
+from .triton_common import linear_state, phi_bwd, phi_fwd
 from .triton_fwd import linear_states, state_dtype
 from .triton_state import block_states, complement_states
 
@@ -73,10 +73,7 @@ def _sla_lin_dq_kernel(
     x = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=valid, other=0.0).to(tl.float32)
     f = phi_fwd(x, valid, FEATURE_MAP)
-    st = bh64 * tl.cdiv(Sq, BLOCK_M) + pid_m
-    r = tl.load(LIN_Z + st * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-    rs = tl.load(LIN_R + st * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
-                 mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+    rs, r = linear_state(LIN_R, LIN_Z, bh64 * tl.cdiv(Sq, BLOCK_M) + pid_m, offs_d, HEAD_DIM)
     den_raw = tl.sum(f * r[None, :], 1)
     inv = tl.where(lin_on, 1.0, 0.0) / (tl.maximum(den_raw, 0.0) + eps)
     g = tl.load(DOL + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :],
@@ -114,10 +111,7 @@ def _sla_lin_dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     valid = n_ok[:, None] & d_ok[None, :]
 
-    st = bh.to(tl.int64) * tl.cdiv(Sk, BLOCK_N) + pid_n
-    d_h = tl.load(DH + st * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=d_ok[:, None] & d_ok[None, :], other=0.0)
-    d_z = tl.load(DZ + st * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+    d_h, d_z = linear_state(DH, DZ, bh.to(tl.int64) * tl.cdiv(Sk, BLOCK_N) + pid_n, offs_d, HEAD_DIM)
     xk = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
                  mask=valid, other=0.0).to(tl.float32)
     fk = phi_fwd(xk, valid, FEATURE_MAP)

@@ -1,4 +1,5 @@
-"""Pieces shared by the SLA Triton kernels: the feature maps phi (and their backward) and tile configs.
+"""Pieces shared by the SLA Triton kernels: the feature maps phi (and their backward), the load of one
+block's linear state, a query block's linear output, and tile configs.
 
 Feature-map ids follow ``feature_maps.FEATURE_MAPS`` (0 softmax, 1 elu+1, 2 relu). phi works on fp32
 tiles ``[rows, BLOCK_D]``; ``valid`` masks padding rows (tail tokens) and padding columns (head dims
@@ -12,7 +13,10 @@ import os
 import triton
 import triton.language as tl
 
-__all__ = ["interpret_mode", "pick_configs", "prune_tiles", "phi_fwd", "phi_bwd"]
+__all__ = [
+    "interpret_mode", "pick_configs", "prune_tiles", "phi_fwd", "phi_bwd", "linear_state",
+    "linear_rows",
+]
 
 
 def interpret_mode() -> bool:
@@ -66,3 +70,35 @@ def phi_bwd(x, y, dy, valid, FEATURE_MAP: tl.constexpr):
     else:
         dx = tl.where(x > 0, dy, 0.0)
     return tl.where(valid, dx, 0.0)
+
+
+@triton.jit
+def linear_state(LIN_R, LIN_Z, st, offs_d, HEAD_DIM: tl.constexpr):
+    """One block's linear state ``(R, r)``: entry ``st`` (int64) of contiguous ``LIN_R [*, D, D]`` and fp32
+    ``LIN_Z [*, D]``, as ``[D_PAD, D_PAD]`` in LIN_R's dtype and fp32 ``[D_PAD]``, zero in padded head-dim
+    rows / columns. ``R_i`` / ``r_i`` of a query block (linear output, linear dq) or ``dH_j`` / ``dz_j`` of
+    a key block (linear dk / dv)."""
+    d_ok = offs_d < HEAD_DIM
+    r = tl.load(LIN_Z + st * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+    rs = tl.load(LIN_R + st * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
+                 mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+    return rs, r
+
+
+@triton.jit
+def linear_rows(
+    q, OL, LIN_R, LIN_Z, pid_bh, pid_m, q_len, eps, offs_m, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, FEATURE_MAP: tl.constexpr,
+):
+    """Sparse-linear attention's linear output of one query block from its query tile ``q``
+    (``[BLOCK_M, D_PAD]``, zero past ``q_len`` and in padded columns):
+    ``o_l = phi(q) R_i / (max(phi(q) . r_i, 0) + eps)`` with this block's complement states ``R_i`` (zero
+    when the block keeps every key block, so its rows come out 0) and ``r_i``, written to OL (contiguous
+    ``[B*H, Sq, D]``, rows past ``q_len`` left alone). One MMA per query block."""
+    valid = (offs_m < q_len)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    f = phi_fwd(q.to(tl.float32), valid, FEATURE_MAP)
+    rs, r = linear_state(LIN_R, LIN_Z, pid_bh.to(tl.int64) * tl.cdiv(q_len, BLOCK_M) + pid_m, offs_d, HEAD_DIM)
+    den = tl.maximum(tl.sum(f * r[None, :], 1), 0.0) + eps
+    o_l = tl.dot(f.to(rs.dtype), rs) * (1.0 / den)[:, None]
+    ol_ptrs = OL + pid_bh.to(tl.int64) * q_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(ol_ptrs, o_l.to(OL.dtype.element_ty), mask=valid)

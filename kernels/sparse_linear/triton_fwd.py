@@ -11,12 +11,18 @@
 3. The block-sparse forward kernel (``kernels/block_sparse/triton_fwd.py``, ``LINEAR`` launch): the exact
    softmax attention over the critical blocks with all its tuning (TMA loads, unmasked interior blocks),
    then in the same program ``o_linear = phi(Q_i) R_i / (max(phi(Q_i) . r_i, 0) + eps)`` - one MMA per
-   query block.
+   query block (``linear_rows``, ``triton_common.py``).
 
 Tried and dropped (H200, Wan-480p, 5% critical blocks, 2026-11-30): a separate launch that sums each
 query block's complement in registers and writes ``o_linear`` directly (no stored ``R_i``, no epilogue in
 the attention kernel): 0.36 ms for that launch against 0.17 + 0.17 ms for pre-pass + epilogue, so no gain
 (whole forward 1.40 vs 1.39 ms); gathering several critical blocks per step in it made it slower (0.54 ms).
+Also dropped (same GPU and shapes, 2026-11-30, both variants profiled in one run):
+the complement as one batched cuBLAS GEMM of a 0/1 "not critical" mask ``[Mq, Mk]`` by the stored states
+(no totals needed): 0.267 + 0.070 ms for R and r against 0.151 + 0.015 ms for the list walk (whole forward
+1.48 ms); and the linear output in a launch of its own after the sparse one: 0.213 ms against 0.177 ms
+for the epilogue (whole forward 1.51 vs 1.48 ms). The epilogue itself is ``linear_rows`` in
+``triton_common.py``.
 
 The log-sum-exp is the block-sparse kernel's (natural log, ``-inf`` for rows without critical blocks);
 the backward hands it to the block-sparse backward unchanged.

@@ -141,6 +141,27 @@ def test_triton_fp16():
     check_against_reference(q, k, v, do_s, do_l, layout, "softmax", "triton")
 
 
+@needs_triton
+def test_complement_states_subtracts_the_listed_blocks():
+    """Per row, the total minus the states it lists: entries past a row's count are never read, a row that
+    lists every block gives exactly 0, and broadcast (stride-0) layout views work."""
+    from dit_sparse.kernels.sparse_linear.triton_state import complement_states
+
+    b, h, m_out, m_src = 2, 3, 5, 4
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(b * h, m_src, 2, 3, generator=g).to(DEVICE)
+    counts = torch.tensor([2, 0, 4, 1, 3], dtype=torch.int32)
+    indices = torch.stack([torch.randperm(m_src, generator=g) for _ in range(m_out)]).to(torch.int32)
+    indices[1] = -1  # never read: past the count
+    counts, indices = counts.to(DEVICE).expand(b, h, m_out), indices.to(DEVICE).expand(b, h, m_out, m_src)
+    out = complement_states(states.sum(1), states, counts, indices, torch.float32)
+    assert out.shape == (b * h, m_out, 2, 3) and out.dtype == torch.float32
+    for i in range(m_out):
+        keep = [j for j in range(m_src) if j not in indices[0, 0, i, : counts[0, 0, i]].tolist()]
+        torch.testing.assert_close(out[:, i], states[:, keep].sum(1), rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(out[:, 2]) == 0, "a row listing every block must give exactly 0"
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 def test_large_inputs_stay_finite(backend, feature_map):
