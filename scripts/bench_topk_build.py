@@ -3,14 +3,16 @@
 * chain: ``block_scores`` (pool q, pool k, key mean, score) then ``topk`` / ``sort`` / index writes
   (``TopK._build_chain``; ~15 launches), and for the bool mask a union ORs, ``TopK.select`` on the scores;
 * fused: ``kernels/block_score/topk_layout.py``, two launches (pool q and k together; score + select
-  straight into the layout or mask): ``TopK.build`` / ``topk_block_mask``.
+  straight into the layout or mask): ``topk_layout`` + ``BlockLayout`` as ``TopK.build`` does on the
+  fused path, and ``topk_block_mask``. Timed at every shape, also above ``FUSED_MAX_KV_BLOCKS`` where
+  ``TopK`` itself takes the chain (column ``TopK takes``).
 
 Shapes (bf16, B=1, D=128, blocks 128x128): Wan 2.1 480p (H=12, 21x30x52 = 32760 tokens, 256 blocks) and
 HunyuanVideo 720p (H=24, 33x45x80 = 118800 tokens, 929 blocks). Rules: ``ratio=0.1`` and
 ``threshold=0.9``. Per shape and rule, medians of ``triton.testing.do_bench`` (L2 flushed), in ms:
 
 * ``chain build`` / ``fused build``: the layout; ``chain mask`` / ``fused mask``: the bool mask;
-* ``pool`` / ``select``: the fused build's two launches alone; ``pool GB/s``: bytes of q and k read by
+* ``pool`` / ``select ms``: the fused build's two launches alone; ``pool GB/s``: bytes of q and k read by
   the pooling launch per second (its floor is the HBM bandwidth);
 * ``host us``: host time to enqueue one fused / chain build (launch overhead; no sync inside);
 * ``attn ms``: our block-sparse attention on the fused layout, and ``share``: fused (chain) build /
@@ -19,10 +21,14 @@ HunyuanVideo 720p (H=24, 33x45x80 = 118800 tokens, 929 blocks). Rules: ``ratio=0
 * ``rows differ``: query-block rows whose layout differs between chain and fused (only blocks whose
   scores tie within fp32 rounding may swap; the fused path skips the key-mean centring).
 
+With ``--sweep``, the select launch is also timed over tiles (query rows per program x warps), into
+``select_sweep`` of the JSON and a second table.
+
 Writes ``benchmarks/topk_build.json`` and ``benchmarks/topk_build.md`` (atomically). A case that fails
 is recorded with its error and the run goes on.
 
     python scripts/bench_topk_build.py [--out benchmarks] [--shapes wan480p hunyuan720p] [--no-attention]
+        [--sweep]
 """
 
 from __future__ import annotations
@@ -83,8 +89,12 @@ def rows_differ(a, b) -> int:
 
 def bench_case(shape: str, rule_name: str, attention: bool = True, device="cuda") -> dict:
     """Time one (shape, rule) case; returns a result row (ms unless named otherwise)."""
+    from dit_sparse.block_layout import BlockLayout
     from dit_sparse.kernels.block_score import block_scores
-    from dit_sparse.kernels.block_score.topk_layout import pool_qk_triton, topk_block_mask, topk_select_triton
+    from dit_sparse.kernels.block_score.api import _use_triton
+    from dit_sparse.kernels.block_score.topk_layout import (
+        _keep_rule, pool_qk_triton, topk_block_mask, topk_layout, topk_select_triton,
+    )
 
     grid, tile, heads = SHAPES[shape]
     rule = RULES[rule_name]
@@ -93,22 +103,23 @@ def bench_case(shape: str, rule_name: str, attention: bool = True, device="cuda"
     ctx = PatternContext(tl, batch=1, heads=heads, block_q=BLOCK, block_kv=BLOCK, device=dev)
     q, k = make_qk(heads, tl.seq_len, dev)
     p = TopK(**rule)
-    if not p._fused(ctx, q):
-        raise RuntimeError("the fused path is not available for this shape/device")
+    if not _use_triton(q, "auto"):
+        raise RuntimeError("the fused path is not available on this device (needs CUDA or TRITON_INTERPRET=1)")
 
-    fused = p.build(ctx, q, k)
+    def fused_build():  # what TopK.build does on the fused path
+        return BlockLayout(*topk_layout(q, k, BLOCK, BLOCK, **rule), tl.seq_len, tl.seq_len, BLOCK, BLOCK)
+
+    fused = fused_build()
     chain = p._build_chain(ctx, q, k)
-    row = dict(shape=shape, rule=rule_name, heads=heads, seq_len=tl.seq_len, kv_blocks=ctx.num_kv_blocks,
-               rows_differ=rows_differ(fused, chain), rows=fused.kv_counts.numel(),
-               mean_kept_blocks=float(fused.kv_counts.float().mean()))
+    row = dict(shape=shape, rule=rule_name, topk_path="fused" if p._fused(ctx, q) else "chain", heads=heads,
+               seq_len=tl.seq_len, kv_blocks=ctx.num_kv_blocks, rows_differ=rows_differ(fused, chain),
+               rows=fused.kv_counts.numel(), mean_kept_blocks=float(fused.kv_counts.float().mean()))
     row["chain_build_ms"] = bench_ms(lambda: p._build_chain(ctx, q, k))
-    row["fused_build_ms"] = bench_ms(lambda: p.build(ctx, q, k))
+    row["fused_build_ms"] = bench_ms(fused_build)
     row["chain_mask_ms"] = bench_ms(lambda: p.select(block_scores(q, k, BLOCK, BLOCK), tl.seq_len, BLOCK))
     row["fused_mask_ms"] = bench_ms(lambda: topk_block_mask(q, k, BLOCK, BLOCK, **rule))
 
     # The two launches alone (the same arguments TopK passes).
-    from dit_sparse.kernels.block_score.topk_layout import _keep_rule
-
     n_floor, thr = _keep_rule(ctx.num_kv_blocks, rule.get("ratio"), rule.get("threshold"), 1)
     scale = q.shape[-1] ** -0.5
     q_t, k_t = pool_qk_triton(q, k, BLOCK, BLOCK)
@@ -116,7 +127,7 @@ def bench_case(shape: str, rule_name: str, attention: bool = True, device="cuda"
     row["select_ms"] = bench_ms(lambda: topk_select_triton(q_t, k_t, tl.seq_len, BLOCK, scale, n_floor, thr))
     bytes_read = (q.numel() + k.numel()) * q.element_size()
     row["pool_gbps"] = bytes_read / (row["pool_ms"] * 1e-3) / 1e9
-    row["fused_host_us"] = host_us(lambda: p.build(ctx, q, k), dev)
+    row["fused_host_us"] = host_us(fused_build, dev)
     row["chain_host_us"] = host_us(lambda: p._build_chain(ctx, q, k), dev)
     row["speedup"] = row["chain_build_ms"] / row["fused_build_ms"]
 
@@ -130,13 +141,51 @@ def bench_case(shape: str, rule_name: str, attention: bool = True, device="cuda"
     return row
 
 
-def run_bench(shapes=None, rules=None, attention: bool = True, log=print, device="cuda") -> dict:
+# (query rows per program, warps) tried by --sweep, where the [rows, padded key blocks] tile has at most
+# SWEEP_MAX_TILE elements (each one a compile).
+SWEEP_ROWS = (2, 4, 8, 16)
+SWEEP_WARPS = (4, 8, 16)
+SWEEP_MAX_TILE = 8192
+
+
+def sweep_case(shape: str, rule_name: str, device="cuda") -> list[dict]:
+    """The select launch over tiles: one row per (rows per program, warps)."""
+    import triton
+
+    from dit_sparse.kernels.block_score.topk_layout import _keep_rule, pool_qk_triton, topk_select_triton
+
+    grid, tile, heads = SHAPES[shape]
+    rule = RULES[rule_name]
+    tl = TokenLayout(*grid, tile=tile)
+    q, k = make_qk(heads, tl.seq_len, torch.device(device))
+    mk = -(-tl.seq_len // BLOCK)
+    n_floor, thr = _keep_rule(mk, rule.get("ratio"), rule.get("threshold"), 1)
+    q_t, k_t = pool_qk_triton(q, k, BLOCK, BLOCK)
+    bn = max(16, triton.next_power_of_2(mk))
+    out = []
+    for bm in SWEEP_ROWS:
+        for warps in SWEEP_WARPS:
+            if bm * bn > SWEEP_MAX_TILE:
+                continue
+            row = dict(shape=shape, rule=rule_name, block_m=bm, num_warps=warps)
+            try:
+                row["select_ms"] = bench_ms(lambda: topk_select_triton(
+                    q_t, k_t, tl.seq_len, BLOCK, q.shape[-1] ** -0.5, n_floor, thr, block_m=bm, num_warps=warps))
+            except Exception as e:  # e.g. out of shared memory / registers: keep the others
+                row["error"] = f"{type(e).__name__}: {e}"[:200]
+            out.append(row)
+    return out
+
+
+def run_bench(shapes=None, rules=None, attention: bool = True, log=print, device="cuda", sweep: bool = False) -> dict:
     """Every (shape, rule) case; a failing case is recorded with its error. Returns the JSON payload."""
-    results = []
+    results, sweeps = [], []
     for shape in shapes or list(SHAPES):
         for rule_name in rules or list(RULES):
             try:
                 row = bench_case(shape, rule_name, attention, device)
+                if sweep:
+                    sweeps += sweep_case(shape, rule_name, device)
             except Exception as e:  # keep the other cases' numbers
                 row = dict(shape=shape, rule=rule_name, error=f"{type(e).__name__}: {e}",
                            traceback=traceback.format_exc(limit=5))
@@ -145,14 +194,17 @@ def run_bench(shapes=None, rules=None, attention: bool = True, log=print, device
                     torch.cuda.empty_cache()
             results.append(row)
             log({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "traceback"})
-    return {"env": env_info(), "block": BLOCK, "head_dim": HEAD_DIM, "refresh_every": REFRESH_EVERY,
-            "dtype": "bfloat16", "results": results}
+    payload = {"env": env_info(), "block": BLOCK, "head_dim": HEAD_DIM, "refresh_every": REFRESH_EVERY,
+               "dtype": "bfloat16", "results": results}
+    if sweep:
+        payload["select_sweep"] = sweeps
+    return payload
 
 
 def to_markdown(payload: dict) -> str:
     env = payload["env"]
-    headers = ["shape", "rule", "kv blocks", "kept (mean)", "chain build", "fused build", "speedup",
-               "chain mask", "fused mask", "pool", "select", "pool GB/s", "chain host us", "fused host us",
+    headers = ["shape", "rule", "TopK takes", "kv blocks", "kept (mean)", "chain build", "fused build", "speedup",
+               "chain mask", "fused mask", "pool", "select ms", "pool GB/s", "chain host us", "fused host us",
                "attn ms", "chain share", "fused share", "rows differ"]
     rows = []
     for r in payload["results"]:
@@ -160,19 +212,27 @@ def to_markdown(payload: dict) -> str:
             rows.append([r["shape"], r["rule"], f"error: {r['error']}"] + [None] * (len(headers) - 3))
             continue
         share = (lambda x: None if x is None else f"{100 * x:.2f}%")
-        rows.append([r["shape"], r["rule"], r["kv_blocks"], r["mean_kept_blocks"], r["chain_build_ms"],
-                     r["fused_build_ms"], r["speedup"], r["chain_mask_ms"], r["fused_mask_ms"], r["pool_ms"],
-                     r["select_ms"], r["pool_gbps"], r["chain_host_us"], r["fused_host_us"], r.get("attn_ms"),
-                     share(r.get("chain_share")), share(r.get("fused_share")), f"{r['rows_differ']}/{r['rows']}"])
-    return (
+        rows.append([r["shape"], r["rule"], r["topk_path"], r["kv_blocks"], r["mean_kept_blocks"],
+                     r["chain_build_ms"], r["fused_build_ms"], r["speedup"], r["chain_mask_ms"], r["fused_mask_ms"],
+                     r["pool_ms"], r["select_ms"], r["pool_gbps"], r["chain_host_us"], r["fused_host_us"],
+                     r.get("attn_ms"), share(r.get("chain_share")), share(r.get("fused_share")),
+                     f"{r['rows_differ']}/{r['rows']}"])
+    md = (
         "# TopK layout build: PyTorch chain vs fused Triton (GPU)\n\n"
         f"{env.get('gpu')}, {env['date']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}. "
         f"bf16, B=1, D={payload['head_dim']}, blocks {payload['block']}x{payload['block']}. Times in ms "
-        "(median, `triton.testing.do_bench`) unless named; `share` = build / (refresh_every="
-        f"{payload['refresh_every']} x attention on the fused layout); target below 3%. `rows differ`: "
-        "query-block rows whose layout differs between the two paths (fp32 near-ties only).\n\n"
+        "(median, `triton.testing.do_bench`) unless named; `TopK takes`: the path TopK builds with at that "
+        f"size; `share` = build / (refresh_every={payload['refresh_every']} x attention on the fused layout); "
+        "target below 3%. `rows differ`: query-block rows whose layout differs between the two paths (fp32 "
+        "near-ties only).\n\n"
         "Produced by `python scripts/bench_topk_build.py`.\n\n" + markdown_table(headers, rows)
     )
+    if payload.get("select_sweep"):
+        sweep = [[r["shape"], r["rule"], r["block_m"], r["num_warps"],
+                  r.get("select_ms", f"error: {r.get('error')}")] for r in payload["select_sweep"]]
+        md += ("\n\n## Select launch over tiles (`--sweep`)\n\n"
+               + markdown_table(["shape", "rule", "rows / program", "warps", "select ms"], sweep))
+    return md
 
 
 def main(argv=None) -> int:
@@ -181,11 +241,12 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
     ap.add_argument("--no-attention", action="store_true", help="skip the attention timing (and the share)")
+    ap.add_argument("--sweep", action="store_true", help="also time the select launch over tiles and warps")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_topk_build needs a CUDA GPU", file=sys.stderr)
         return 2
-    payload = run_bench(args.shapes, args.rules, attention=not args.no_attention)
+    payload = run_bench(args.shapes, args.rules, attention=not args.no_attention, sweep=args.sweep)
     md = to_markdown(payload)
     os.makedirs(args.out, exist_ok=True)
     write_report(args.out, "topk_build", payload, md)

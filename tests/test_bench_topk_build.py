@@ -1,5 +1,6 @@
 """scripts/bench_topk_build.py on CPU: one case end to end on a tiny shape (Triton interpreter, timings
-stubbed), a failing case recorded instead of ending the run, and the report written atomically."""
+stubbed), also above the fused bound, and the tile sweep, a failing case recorded instead of ending the
+run, and the report written atomically."""
 
 import json
 import os
@@ -27,19 +28,38 @@ def bench(monkeypatch):
     return module
 
 
-def test_one_case_end_to_end_and_report(bench, tmp_path):
-    payload = bench.run_bench(attention=False, log=lambda row: None, device="cpu")
+def test_one_case_end_to_end_and_report(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "SWEEP_ROWS", (2,))
+    monkeypatch.setattr(bench, "SWEEP_WARPS", (4,))
+    payload = bench.run_bench(attention=False, log=lambda row: None, device="cpu", sweep=True)
     assert [(r["shape"], r["rule"]) for r in payload["results"]] == [("tiny", "ratio0.1"), ("tiny", "threshold0.9")]
     for r in payload["results"]:
         assert "error" not in r, r.get("traceback")
         assert r["kv_blocks"] == 8 and r["rows"] == 2 * 8 and r["rows_differ"] == 0
-        assert r["fused_build_ms"] == r["chain_build_ms"] == 1.0 and r["speedup"] == 1.0
+        assert r["fused_build_ms"] == r["chain_build_ms"] == r["select_ms"] == 1.0 and r["speedup"] == 1.0
+        assert r["topk_path"] == "fused"
+    sweep = payload["select_sweep"]
+    assert [(r["rule"], r["block_m"]) for r in sweep] == [("ratio0.1", 2), ("threshold0.9", 2)]
+    assert all(r["select_ms"] == 1.0 and r["num_warps"] == 4 for r in sweep)
     from _bench_util import write_report  # scripts/ is on sys.path once the module is loaded
 
     md = bench.to_markdown(payload)
     write_report(str(tmp_path), "topk_build", payload, md)
     assert json.loads((tmp_path / "topk_build.json").read_text())["results"][0]["shape"] == "tiny"
-    assert "| tiny | ratio0.1 |" in (tmp_path / "topk_build.md").read_text()
+    text = (tmp_path / "topk_build.md").read_text()
+    assert "| tiny | ratio0.1 | fused |" in text and "| tiny | threshold0.9 | fused |" in text
+    assert "| tiny | ratio0.1 | 2 | 4 | 1 |" in text  # the sweep's table
+
+
+def test_above_the_fused_bound_the_fused_build_is_timed(bench, monkeypatch):
+    # TopK takes the chain above FUSED_MAX_KV_BLOCKS; the fused build is still timed there (to see where
+    # the bound should be).
+    from dit_sparse.kernels.block_score import topk_layout
+
+    monkeypatch.setattr(topk_layout, "FUSED_MAX_KV_BLOCKS", 4)
+    payload = bench.run_bench(rules=["threshold0.9"], attention=False, log=lambda row: None, device="cpu")
+    assert [(r["topk_path"], r["fused_build_ms"], r["rows_differ"]) for r in payload["results"]] == [
+        ("chain", 1.0, 0)]
 
 
 def test_failing_case_is_recorded(bench, monkeypatch):

@@ -283,7 +283,8 @@ def test_topk_build_uses_pooled_scores_per_head():
 
 
 @pytest.mark.parametrize("kwargs", [{}, dict(ratio=0.5, threshold=0.5), dict(ratio=0.0), dict(ratio=1.5),
-                                    dict(threshold=-0.1), dict(ratio=0.5, min_blocks=0)])
+                                    dict(threshold=-0.1), dict(ratio=0.5, min_blocks=0),
+                                    dict(ratio=True)])  # the fused kernel's rule check: one check for both
 def test_topk_validation(kwargs):
     with pytest.raises(ValueError):
         TopK(**kwargs)

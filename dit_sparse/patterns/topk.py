@@ -27,7 +27,34 @@ import torch
 from ..block_layout import BlockLayout, cdiv
 from .base import Pattern, PatternContext
 
-__all__ = ["TopK"]
+__all__ = ["TopK", "check_rule", "keep_rule"]
+
+
+def check_rule(ratio, threshold, min_blocks, who: str = "TopK") -> tuple[float | None, float | None, int]:
+    """Validated ``(ratio, threshold, min_blocks)`` of a top-k rule (``who`` names the caller in errors):
+    exactly one of ``ratio`` / ``threshold``, a number in (0, 1]; ``min_blocks`` an int >= 1."""
+    if (ratio is None) == (threshold is None):
+        raise ValueError(f"{who} takes exactly one of ratio= (fraction of key blocks) or threshold= (softmax mass)")
+    for what, v in (("ratio", ratio), ("threshold", threshold)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
+            raise ValueError(f"{who} {what} must be in (0, 1], got {v!r}")
+    if not isinstance(min_blocks, int) or isinstance(min_blocks, bool) or min_blocks < 1:
+        raise ValueError(f"{who} min_blocks must be an int >= 1, got {min_blocks!r}")
+    return (None if ratio is None else float(ratio), None if threshold is None else float(threshold), min_blocks)
+
+
+def keep_rule(mk: int, ratio, threshold, min_blocks, who: str = "TopK") -> tuple[int, float | None]:
+    """The rule over ``mk`` key blocks as ``(n_floor, threshold or None)``: a block is kept iff its rank
+    (in order of score) is below ``n_floor``, or (threshold rule) the softmax mass of the blocks before it
+    is below ``threshold``. Both :meth:`TopK.select` and the fused kernel
+    (:mod:`dit_sparse.kernels.block_score.topk_layout`) select by it."""
+    ratio, threshold, min_blocks = check_rule(ratio, threshold, min_blocks, who)
+    floor = min(min_blocks, mk)
+    if ratio is not None:
+        return max(floor, min(mk, math.ceil(ratio * mk))), None
+    if threshold >= 1.0:  # every block has some mass: all of it needs all of them
+        return mk, None
+    return floor, threshold
 
 
 class TopK(Pattern):
@@ -46,16 +73,7 @@ class TopK(Pattern):
 
     def __init__(self, ratio: float | None = None, threshold: float | None = None, min_blocks: int = 1,
                  scale: float | None = None):
-        if (ratio is None) == (threshold is None):
-            raise ValueError("TopK takes exactly one of ratio= (fraction of key blocks) or threshold= (softmax mass)")
-        for what, v in (("ratio", ratio), ("threshold", threshold)):
-            if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
-                raise ValueError(f"TopK {what} must be in (0, 1], got {v!r}")
-        if not isinstance(min_blocks, int) or isinstance(min_blocks, bool) or min_blocks < 1:
-            raise ValueError(f"TopK min_blocks must be an int >= 1, got {min_blocks!r}")
-        self.ratio = None if ratio is None else float(ratio)
-        self.threshold = None if threshold is None else float(threshold)
-        self.min_blocks = min_blocks
+        self.ratio, self.threshold, self.min_blocks = check_rule(ratio, threshold, min_blocks)
         self.scale = scale
 
     @property
@@ -96,20 +114,19 @@ class TopK(Pattern):
         """The PyTorch-selection build (``block_scores`` then top-k / select): the path off the Triton
         backend, and the baseline ``scripts/bench_topk_build.py`` times the fused build against."""
         scores = self._scores(ctx, q, k)
-        if self.ratio is None:
+        n, threshold = self._keep_rule(scores.shape[-1])
+        if threshold is not None:
             return ctx.layout_from_mask(self.select(scores, ctx.seq_len, ctx.block_kv))
         # Ratio rule: every row keeps the same n blocks, so the layout comes straight from top-k's
         # indices (sorted ascending, then zero padding), as from_block_mask_tensor would write it.
-        mk = scores.shape[-1]
-        n = self._ratio_count(mk)
         kept = scores.topk(n, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
         indices = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
         indices[..., :n] = kept
         counts = torch.full(scores.shape[:-1], n, dtype=torch.int32, device=scores.device)
         return BlockLayout(counts, indices, ctx.seq_len, ctx.seq_len, ctx.block_q, ctx.block_kv)
 
-    def _ratio_count(self, mk: int) -> int:
-        return max(min(self.min_blocks, mk), min(mk, math.ceil(self.ratio * mk)))
+    def _keep_rule(self, mk: int) -> tuple[int, float | None]:
+        return keep_rule(mk, self.ratio, self.threshold, self.min_blocks)
 
     def select(self, scores: torch.Tensor, kv_len: int, block_kv: int) -> torch.Tensor:
         """bool ``[..., Mq, Mk]`` mask of the key blocks kept from pooled ``scores`` ``[..., Mq, Mk]``."""
@@ -117,20 +134,17 @@ class TopK(Pattern):
         if mk != cdiv(kv_len, block_kv):
             raise ValueError(f"scores have {mk} key blocks but kv_len={kv_len}, block_kv={block_kv} needs "
                              f"{cdiv(kv_len, block_kv)}")
-        floor = min(self.min_blocks, mk)
-        if self.ratio is not None:
-            n = self._ratio_count(mk)
+        floor, threshold = self._keep_rule(mk)
+        if threshold is None:  # ratio rule, or a threshold of 1 (every block carries some mass)
             keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-            return keep.scatter_(-1, scores.topk(n, dim=-1).indices, True)
-        if self.threshold >= 1.0:  # every block has some mass: all of it needs all of them
-            return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+            return keep.scatter_(-1, scores.topk(floor, dim=-1).indices, True)
         # fp64 masses: in fp32 the running sum can reach a threshold near 1 a few blocks early.
         lengths = torch.full((mk,), float(block_kv), device=scores.device, dtype=torch.float64)
         lengths[-1] = kv_len - block_kv * (mk - 1)
         ordered, order = (scores.double() + lengths.log()).sort(dim=-1, descending=True)
         probs = torch.softmax(ordered, dim=-1)
         mass_before = probs.cumsum(-1) - probs
-        count = (mass_before < self.threshold).sum(-1, keepdim=True).clamp(min=floor)
+        count = (mass_before < threshold).sum(-1, keepdim=True).clamp(min=floor)
         ranks = torch.arange(mk, device=scores.device)
         keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
         return keep.scatter_(-1, order, ranks < count)

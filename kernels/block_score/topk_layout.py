@@ -11,20 +11,29 @@ launches instead of the ~15 small ones of ``block_scores`` + ``topk`` + ``sort``
   blocks and writes ``kv_counts`` + the ascending kept indices followed by zero padding (or the bool
   mask row).
 
-Selection without a sort. Each key block gets a unique int64 key: the order-preserving integer image of
-its fp32 logit in the high bits, ``BN - 1 - j`` in the low bits, so a larger key means "earlier in the
-order (logit descending, lower block index first on ties)". A block is kept iff
-``P(key_j)`` holds, with the monotone predicate
+Selection starts from the order-preserving int32 image of each block's fp32 logit (its bits, with a
+negative logit's magnitude bits flipped) and follows one rule (:func:`dit_sparse.patterns.topk.keep_rule`):
+a block is kept iff its rank in the order (logit descending, lower block index first on ties) is below
+``n_floor``, or (threshold rule) the softmax mass of the blocks before it is below ``threshold * total
+mass`` (ratio rule: ``n_floor = n``, no mass term; threshold rule: ``n_floor = min(min_blocks, Mk)``, or Mk
+when ``threshold >= 1``). Since the mass before a block grows with its rank, the kept blocks are the first
+``n`` of the order.
 
-    P(v) = count(key > v) < n_floor   or   mass(key > v) < threshold * total mass
+A bitonic ``tl.topk`` sorts the int32 order images of each row, descending: the ``K`` largest, ``K`` the
+power of two >= ``n_floor`` for the ratio rule, the whole padded row (``K = BN``) for the threshold rule,
+which then recovers the logits from the sorted order images (exactly: they are the logits' bits), forms
+the fp32 softmax weights and an fp64 prefix sum, and counts
+``n = max(n_floor, 1 + #{r < Mk - 1 : mass of ranks <= r < target})``. With ``t`` the n-th largest order
+image, the kept blocks are those above ``t`` and the lowest-indexed of those equal to ``t`` (a prefix sum
+over block order) up to ``n``: lower index first on ties, without sorting 64-bit (image, index) keys.
 
-(ratio rule: ``n_floor = n``, no mass term; threshold rule: ``n_floor = min(min_blocks, Mk)``, or Mk when
-``threshold >= 1``). ``count(key > key_j)`` is block j's rank and ``mass(key > key_j)`` the softmax
-mass before it, so this is exactly ``TopK.select``'s rule, and since P is monotone the kept set is
-``{j : key_j >= v0}`` with ``v0`` the smallest value satisfying P: a per-row binary search over the key
-range (32 + log2(BN) steps of one compare and one or two row sums). Compaction is a prefix sum in block
-order: kept block j goes to slot ``#kept before j``, dropped block j writes 0 to slot
-``count + #dropped before j``, so every slot of the row is written exactly once.
+Until 2026-11-30 the kernel selected without a sort, by a per-row binary search over unique int64 keys
+(order image, then block index; 41 steps at 256 key blocks). On an H200 the sort took the select launch
+from 0.121 to 0.069 ms (ratio 0.1) and 0.317 to 0.098 ms (threshold 0.9) at Wan-480p, from 7.05 to 2.42 ms
+and 18.2 to 4.24 ms at Hunyuan-720p, with identical layouts, and replaced it.
+
+Compaction is a prefix sum in block order: kept block j goes to slot ``#kept before j``, dropped block j
+writes 0 to slot ``count + #dropped before j``, so every slot of the row is written exactly once.
 
 Numerics, against ``TopK``'s PyTorch path (``block_scores`` then ``select``):
 
@@ -45,7 +54,8 @@ in both branches), so it is fused; the score + select kernel cannot absorb the p
 program needs all pooled keys of its head.
 
 Limits: ``Mk <= MAX_KV_BLOCKS`` (one row of keys is one register tile). ``TopK`` takes this path only up
-to ``FUSED_MAX_KV_BLOCKS`` key blocks, where it measured faster than the PyTorch chain.
+to ``FUSED_MAX_KV_BLOCKS`` key blocks, where it measured faster than the PyTorch chain
+(``scripts/bench_topk_build.py`` times the fused build also above that bound).
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ import triton
 import triton.language as tl
 
 from dit_sparse.block_layout import cdiv
+from dit_sparse.patterns.topk import keep_rule
 
 from .api import _check, _use_triton
 from .pool_score import block_means_tile
@@ -76,8 +87,9 @@ __all__ = [
 #: Most key blocks a row may have (4096 blocks of 128 tokens: 524K-token sequences).
 MAX_KV_BLOCKS = 4096
 # Where TopK picks the fused build. Measured on an H200 (2026-11-30): at Wan-480p (Mk = 256) the fused build
-# takes 0.21 ms against 0.63 ms for the PyTorch chain; at Hunyuan-720p (Mk = 929) the select kernel took
-# 7.2 ms against 2.8 ms for the whole chain, so longer rows take the chain.
+# took 0.21 ms against 0.63 ms for the PyTorch chain (before the sort select, which saves another 0.05 ms);
+# at Hunyuan-720p (Mk = 929) the whole fused build, with the sort select, takes 2.96 ms against 2.81 ms
+# for the chain, so longer rows take the chain.
 FUSED_MAX_KV_BLOCKS = 512
 # Elements of the [BM, BN] register tile of the select kernel (query rows x key blocks).
 _TILE_ELEMENTS = 8192
@@ -114,11 +126,42 @@ def _pool_qk_kernel(
 
 # ---------------------------------------------------------------------------------------------- select
 @triton.jit
+def _kept_sort(ordered, col_ok, logit, Mk, n_floor, threshold_bits, THRESHOLD: tl.constexpr, K: tl.constexpr):
+    # The K largest order values of each row, descending (bitonic; K = BN for the threshold rule).
+    lowest: tl.constexpr = -2147483648  # padding lanes: below every finite logit's image
+    ordered = tl.where(col_ok[None, :], ordered, lowest)
+    top = tl.topk(ordered, K)
+    rank = tl.arange(0, K)[None, :]
+    if THRESHOLD:
+        # The mass to reach: threshold * total of the fp32 weights exp(logit - row max), summed in fp64.
+        row_max = tl.max(tl.where(col_ok[None, :], logit, float("-inf")), axis=1)
+        e = tl.where(col_ok[None, :], tl.exp(logit - row_max[:, None]), 0.0).to(tl.float64)
+        threshold = threshold_bits.to(tl.float64, bitcast=True)  # passed as the fp64's bits: exact
+        target = threshold * tl.sum(e, axis=1)
+        # The same fp32 weights in rank order: the order value is the logit's bits, so this is exact.
+        bits = top ^ ((top >> 31) & 0x7FFFFFFF)
+        w = tl.exp(tl.where(rank < Mk, bits.to(tl.float32, bitcast=True), float("-inf")) - row_max[:, None])
+        upto = tl.cumsum(w.to(tl.float64), axis=1)  # mass of ranks <= r = mass before rank r + 1
+        # rank 0 (mass before it 0 < target) and every rank r + 1 < Mk with upto[r] < target are kept
+        n = tl.maximum(n_floor, 1 + tl.sum(((upto < target[:, None]) & (rank < Mk - 1)).to(tl.int32), axis=1))
+        in_top = rank < n[:, None]
+    else:
+        n = n_floor
+        in_top = rank < n
+    nth = tl.min(tl.where(in_top, top, 2147483647), axis=1)  # order value of the n-th block
+    # Blocks above the n-th value, then the lowest-indexed of those equal to it (exact ties) up to n.
+    above = ordered > nth[:, None]
+    tie = ordered == nth[:, None]  # padding lanes (lowest) never tie: the n-th block is a real one
+    free = n - tl.sum(above.to(tl.int32), axis=1)
+    return above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= free[:, None]))
+
+
+@triton.jit
 def _topk_select_kernel(
     qt_ptr, kt_ptr, counts_ptr, out_ptr,
     Mq, Mk, D, scale, tail_log, n_floor, threshold_bits,
-    THRESHOLD: tl.constexpr, OUT_MASK: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, LOG_BN: tl.constexpr, DU: tl.constexpr,
+    THRESHOLD: tl.constexpr, OUT_MASK: tl.constexpr, K: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, DU: tl.constexpr,
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -142,34 +185,13 @@ def _topk_select_kernel(
     if THRESHOLD:
         # Mass weighted by block length: only the tail block differs (softmax is shift-invariant).
         logit = logit + tl.where(cols == Mk - 1, tail_log, 0.0)[None, :]
-    logit = tl.where(logit == 0.0, 0.0, logit)  # -0.0 -> +0.0: equal logits must get equal keys
+    logit = tl.where(logit == 0.0, 0.0, logit)  # -0.0 -> +0.0: equal logits must get equal order values
 
-    # Unique, order-preserving int64 keys: larger = earlier (logit descending, then lower index).
+    # Order-preserving int32 image of the fp32 logit (its bits, negatives' magnitude bits flipped).
     bits = logit.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = (ordered.to(tl.int64) << LOG_BN) | (BN - 1 - cols)[None, :].to(tl.int64)
-    big: tl.constexpr = 0x7FFFFFFFFFFFFFFF
-    key = tl.where(col_ok[None, :], key, -big)  # padding lanes: below every real key, never counted
-    lo = tl.min(tl.where(col_ok[None, :], key, big), axis=1)
-    hi = tl.max(key, axis=1)
-    if THRESHOLD:
-        row_max = tl.max(tl.where(col_ok[None, :], logit, float("-inf")), axis=1)
-        e = tl.where(col_ok[None, :], tl.exp(logit - row_max[:, None]), 0.0).to(tl.float64)
-        threshold = threshold_bits.to(tl.float64, bitcast=True)  # passed as the fp64's bits: exact
-        target = threshold * tl.sum(e, axis=1)  # fp64: mass(key > v) < threshold * total
+    kept = _kept_sort(ordered, col_ok, logit, Mk, n_floor, threshold_bits, THRESHOLD, K)
 
-    # Smallest v in [lo, hi] with P(v). P(hi) holds (no key above the largest; n_floor >= 1) and hi only
-    # moves to values where P holds, so once lo == hi nothing changes: no per-row convergence test.
-    for _ in range(0, 33 + LOG_BN):
-        mid = lo + ((hi - lo) >> 1)
-        above = key > mid[:, None]
-        ok = tl.sum(above.to(tl.int32), axis=1) < n_floor
-        if THRESHOLD:
-            ok = ok | (tl.sum(tl.where(above, e, 0.0), axis=1) < target)
-        hi = tl.where(ok, mid, hi)
-        lo = tl.where(ok, lo, mid + 1)
-
-    kept = key >= lo[:, None]  # padding lanes hold -big < lo
     row_base = (i_bh * Mq + rows).to(tl.int64) * Mk
     io_mask = row_ok[:, None] & col_ok[None, :]
     if OUT_MASK:
@@ -210,11 +232,15 @@ def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int
 
 def topk_select_triton(
     q_t: torch.Tensor, k_t: torch.Tensor, kv_len: int, block_kv: int, scale: float, n_floor: int,
-    threshold: float | None, out_mask: bool = False,
+    threshold: float | None, out_mask: bool = False, *,
+    block_m: int | None = None, num_warps: int | None = None,
 ):
     """Select from transposed pooled tensors (:func:`pool_qk_triton`): fp32 ``[B, H, D, Mq]``,
     ``[B, H, D, Mk]``. Keeps per row the longest prefix of the order (logit descending, lower index first)
     whose blocks have rank < ``n_floor`` or softmax mass before them < ``threshold`` (None: rank only).
+
+    ``block_m`` / ``num_warps`` override the tile (query rows per program, a power of two) and the warps,
+    for benchmark sweeps.
 
     Returns ``(kv_counts int32 [B, H, Mq], kv_indices int32 [B, H, Mq, Mk])``, or with ``out_mask`` a bool
     ``[B, H, Mq, Mk]`` mask.
@@ -223,9 +249,15 @@ def topk_select_triton(
     mk = k_t.shape[3]
     bn = max(16, triton.next_power_of_2(mk))
     # Up to 16 query rows per program (each program reads all Mk pooled keys, so more rows = less L2
-    # traffic), within a register tile of _TILE_ELEMENTS; ~16 tile elements per thread.
-    bm = max(1, min(16, _TILE_ELEMENTS // bn, triton.next_power_of_2(mq)))
-    num_warps = max(4, min(16, bm * bn // 512))
+    # traffic), within a register tile of _TILE_ELEMENTS; ~8 tile elements per thread (compiled for sm_90:
+    # at Wan-480p's [16, 256] tile 123 registers with 16 warps against 225 with 8; at [8, 1024] the 16-warp
+    # cap gives 128 and no spill).
+    bm = block_m or max(1, min(16, _TILE_ELEMENTS // bn, triton.next_power_of_2(mq)))
+    num_warps = num_warps or max(4, min(16, bm * bn // 256))
+    # The ratio rule needs only the n_floor largest (bitonic top-k of a power of two >= n_floor, and
+    # >= 2: Triton 3.6's top-1 of a single row reduces the row to a scalar and fails); the threshold rule
+    # needs the whole row in order for its prefix sums.
+    top = bn if threshold is not None else min(bn, max(2, triton.next_power_of_2(n_floor)))
     tail = kv_len - block_kv * (mk - 1)
     tail_log = math.log(tail / block_kv)
     dev = q_t.device
@@ -238,7 +270,7 @@ def topk_select_triton(
     _topk_select_kernel[(cdiv(mq, bm), b * h)](
         q_t, k_t, counts, out, mq, mk, d, float(scale), float(tail_log), int(n_floor),
         _f64_bits(threshold if threshold is not None else 0.5),
-        THRESHOLD=threshold is not None, OUT_MASK=out_mask, BM=bm, BN=bn, LOG_BN=bn.bit_length() - 1,
+        THRESHOLD=threshold is not None, OUT_MASK=out_mask, K=top, BM=bm, BN=bn,
         DU=min(8, triton.next_power_of_2(d)), num_warps=num_warps,
     )
     if out_mask:
@@ -256,19 +288,7 @@ def fused_topk_supported(q: torch.Tensor, num_kv_blocks: int) -> bool:
 
 def _keep_rule(mk: int, ratio, threshold, min_blocks) -> tuple[int, float | None]:
     """(n_floor, threshold or None) of the kernel for TopK's rules (see the module docstring)."""
-    if (ratio is None) == (threshold is None):
-        raise ValueError("pass exactly one of ratio= (fraction of key blocks) or threshold= (softmax mass)")
-    for what, v in (("ratio", ratio), ("threshold", threshold)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
-            raise ValueError(f"{what} must be in (0, 1], got {v!r}")
-    if not isinstance(min_blocks, int) or isinstance(min_blocks, bool) or min_blocks < 1:
-        raise ValueError(f"min_blocks must be an int >= 1, got {min_blocks!r}")
-    floor = min(min_blocks, mk)
-    if ratio is not None:  # the same expression as TopK._ratio_count
-        return max(floor, min(mk, math.ceil(float(ratio) * mk))), None
-    if threshold >= 1.0:  # every block carries some mass: all of it needs all of them
-        return mk, None
-    return floor, float(threshold)
+    return keep_rule(mk, ratio, threshold, min_blocks, who="topk_layout")
 
 
 def _run(q, k, block_q, block_kv, ratio, threshold, min_blocks, scale, out_mask):
@@ -312,7 +332,7 @@ def topk_layout(
         counts, indices = topk_layout(q, k, 128, 128, ratio=0.1)
         layout = BlockLayout(counts, indices, q.shape[2], k.shape[2], 128, 128)
     """
-    return _run(q, k, block_q, block_kv, ratio, threshold, min_blocks, scale, out_mask=False)
+    return _run(q, k, block_q, block_kv, ratio, threshold, min_blocks, scale, False)
 
 
 def topk_block_mask(
@@ -321,7 +341,7 @@ def topk_block_mask(
 ) -> torch.Tensor:
     """The same selection as :func:`topk_layout` as a bool block mask ``[B, H, Mq, Mk]`` (for unions of
     patterns, which OR masks before building one layout)."""
-    return _run(q, k, block_q, block_kv, ratio, threshold, min_blocks, scale, out_mask=True)
+    return _run(q, k, block_q, block_kv, ratio, threshold, min_blocks, scale, True)
 
 
 # ---------------------------------------------------------------------------------------------- reference

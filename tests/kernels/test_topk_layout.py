@@ -167,8 +167,25 @@ def test_exact_ties_keep_the_lower_block_index():
         assert torch.allclose(kept[live], ref_kept[live], atol=1e-6)
     # all scores equal (q = 0): the first blocks win, and the masses are exact
     zeros = torch.zeros(1, 1, 24, 8, device=DEVICE)
-    assert (topk_layout(zeros, k[:1, :1], 4, 4, ratio=0.5)[1].cpu() == torch.tensor([0, 1, 2, 0, 0, 0])).all()
+    tied = topk_layout(zeros, k[:1, :1], 4, 4, ratio=0.5)[1]
+    assert (tied.cpu() == torch.tensor([0, 1, 2, 0, 0, 0])).all()
     assert (topk_layout(zeros, k[:1, :1], 4, 4, threshold=0.5)[0] == 3).all()
+
+
+@pytest.mark.parametrize("rule", [dict(ratio=1e-3), dict(ratio=0.3, min_blocks=4), dict(ratio=1.0),
+                                  dict(threshold=0.4), dict(threshold=0.97, min_blocks=3), dict(threshold=1.0)])
+def test_many_ties_match_the_reference(rule):
+    """Layouts (and masks) equal to the reference with many exact ties (small integers pooled over
+    power-of-two blocks, scale 1: every logit exact), B > 1, Mk = 23 (not a power of two) and Mq = 5 (a
+    partial tile of query rows); ratio 1e-3 keeps one block, ratio 1 all of them."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randint(-2, 3, (2, 2, 5 * 4, 8), generator=g).float().to(DEVICE)
+    k = torch.randint(-1, 2, (2, 2, 23 * 2, 8), generator=g).float().to(DEVICE)
+    want = naive_topk_layout(q, k, 4, 2, scale=1.0, **rule)
+    counts, indices = topk_layout(q, k, 4, 2, scale=1.0, **rule)
+    assert torch.equal(counts.cpu(), want[0]) and torch.equal(indices.cpu(), want[1])
+    mask = topk_block_mask(q, k, 4, 2, scale=1.0, **rule)
+    assert torch.equal(mask, BlockLayout(counts, indices, 20, 46, 4, 2).to_block_mask_tensor())
 
 
 def test_threshold_by_hand():
