@@ -3,8 +3,8 @@
 * chain: ``block_scores`` (pool q, pool k, key mean, score) then ``topk`` / ``sort`` / index writes
   (``TopK._build_chain``; ~15 launches), and for the bool mask a union ORs, ``TopK.select`` on the scores;
 * fused: ``kernels/block_score/topk_layout.py``, two launches (pool q and k together; score + select
-  straight into the layout or mask): ``topk_layout`` + ``BlockLayout`` as ``TopK.build`` does on the
-  fused path, and ``topk_block_mask``. Timed at every shape, also above ``FUSED_MAX_KV_BLOCKS`` where
+  straight into the layout or mask): ``TopK._build_fused`` (what ``TopK.build`` takes on the fused
+  path), and ``topk_block_mask``. Timed at every shape, also above ``FUSED_MAX_KV_BLOCKS`` where
   ``TopK`` itself takes the chain (column ``TopK takes``).
 
 Shapes (bf16, B=1, D=128, blocks 128x128): Wan 2.1 480p (H=12, 21x30x52 = 32760 tokens, 256 blocks) and
@@ -87,14 +87,22 @@ def rows_differ(a, b) -> int:
     return int(diff.sum())
 
 
+def select_args(q, k, seq_len: int, rule: dict) -> tuple:
+    """The arguments ``TopK`` passes to the select launch, after its pooling launch:
+    ``(q_t, k_t, kv_len, block_kv, scale, n_floor, threshold)`` for ``topk_select_triton``."""
+    from dit_sparse.block_layout import cdiv
+    from dit_sparse.kernels.block_score.topk_layout import _keep_rule, pool_qk_triton
+
+    n_floor, thr = _keep_rule(cdiv(seq_len, BLOCK), rule.get("ratio"), rule.get("threshold"), 1)
+    q_t, k_t = pool_qk_triton(q, k, BLOCK, BLOCK)
+    return q_t, k_t, seq_len, BLOCK, q.shape[-1] ** -0.5, n_floor, thr
+
+
 def bench_case(shape: str, rule_name: str, attention: bool = True, device="cuda") -> dict:
     """Time one (shape, rule) case; returns a result row (ms unless named otherwise)."""
-    from dit_sparse.block_layout import BlockLayout
     from dit_sparse.kernels.block_score import block_scores
     from dit_sparse.kernels.block_score.api import _use_triton
-    from dit_sparse.kernels.block_score.topk_layout import (
-        _keep_rule, pool_qk_triton, topk_block_mask, topk_layout, topk_select_triton,
-    )
+    from dit_sparse.kernels.block_score.topk_layout import pool_qk_triton, topk_block_mask, topk_select_triton
 
     grid, tile, heads = SHAPES[shape]
     rule = RULES[rule_name]
@@ -106,8 +114,8 @@ def bench_case(shape: str, rule_name: str, attention: bool = True, device="cuda"
     if not _use_triton(q, "auto"):
         raise RuntimeError("the fused path is not available on this device (needs CUDA or TRITON_INTERPRET=1)")
 
-    def fused_build():  # what TopK.build does on the fused path
-        return BlockLayout(*topk_layout(q, k, BLOCK, BLOCK, **rule), tl.seq_len, tl.seq_len, BLOCK, BLOCK)
+    def fused_build():  # timed at every size, also where TopK.build itself takes the chain
+        return p._build_fused(ctx, q, k)
 
     fused = fused_build()
     chain = p._build_chain(ctx, q, k)
@@ -120,11 +128,9 @@ def bench_case(shape: str, rule_name: str, attention: bool = True, device="cuda"
     row["fused_mask_ms"] = bench_ms(lambda: topk_block_mask(q, k, BLOCK, BLOCK, **rule))
 
     # The two launches alone (the same arguments TopK passes).
-    n_floor, thr = _keep_rule(ctx.num_kv_blocks, rule.get("ratio"), rule.get("threshold"), 1)
-    scale = q.shape[-1] ** -0.5
-    q_t, k_t = pool_qk_triton(q, k, BLOCK, BLOCK)
+    args = select_args(q, k, tl.seq_len, rule)
     row["pool_ms"] = bench_ms(lambda: pool_qk_triton(q, k, BLOCK, BLOCK))
-    row["select_ms"] = bench_ms(lambda: topk_select_triton(q_t, k_t, tl.seq_len, BLOCK, scale, n_floor, thr))
+    row["select_ms"] = bench_ms(lambda: topk_select_triton(*args))
     bytes_read = (q.numel() + k.numel()) * q.element_size()
     row["pool_gbps"] = bytes_read / (row["pool_ms"] * 1e-3) / 1e9
     row["fused_host_us"] = host_us(fused_build, dev)
@@ -152,16 +158,13 @@ def sweep_case(shape: str, rule_name: str, device="cuda") -> list[dict]:
     """The select launch over tiles: one row per (rows per program, warps)."""
     import triton
 
-    from dit_sparse.kernels.block_score.topk_layout import _keep_rule, pool_qk_triton, topk_select_triton
+    from dit_sparse.kernels.block_score.topk_layout import topk_select_triton
 
     grid, tile, heads = SHAPES[shape]
-    rule = RULES[rule_name]
     tl = TokenLayout(*grid, tile=tile)
     q, k = make_qk(heads, tl.seq_len, torch.device(device))
-    mk = -(-tl.seq_len // BLOCK)
-    n_floor, thr = _keep_rule(mk, rule.get("ratio"), rule.get("threshold"), 1)
-    q_t, k_t = pool_qk_triton(q, k, BLOCK, BLOCK)
-    bn = max(16, triton.next_power_of_2(mk))
+    args = select_args(q, k, tl.seq_len, RULES[rule_name])
+    bn = max(16, triton.next_power_of_2(args[1].shape[3]))  # the kernel's padded key blocks
     out = []
     for bm in SWEEP_ROWS:
         for warps in SWEEP_WARPS:
@@ -169,8 +172,7 @@ def sweep_case(shape: str, rule_name: str, device="cuda") -> list[dict]:
                 continue
             row = dict(shape=shape, rule=rule_name, block_m=bm, num_warps=warps)
             try:
-                row["select_ms"] = bench_ms(lambda: topk_select_triton(
-                    q_t, k_t, tl.seq_len, BLOCK, q.shape[-1] ** -0.5, n_floor, thr, block_m=bm, num_warps=warps))
+                row["select_ms"] = bench_ms(lambda: topk_select_triton(*args, block_m=bm, num_warps=warps))
             except Exception as e:  # e.g. out of shared memory / registers: keep the others
                 row["error"] = f"{type(e).__name__}: {e}"[:200]
             out.append(row)

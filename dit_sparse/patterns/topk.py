@@ -103,12 +103,15 @@ class TopK(Pattern):
         return self.select(self._scores(ctx, q, k), ctx.seq_len, ctx.block_kv)
 
     def _build(self, ctx: PatternContext, q, k) -> BlockLayout:
-        if self._fused(ctx, q):
-            from ..kernels.block_score.topk_layout import topk_layout
+        return self._build_fused(ctx, q, k) if self._fused(ctx, q) else self._build_chain(ctx, q, k)
 
-            counts, indices = topk_layout(q, k, ctx.block_q, ctx.block_kv, **self._rule())
-            return BlockLayout(counts, indices, ctx.seq_len, ctx.seq_len, ctx.block_q, ctx.block_kv)
-        return self._build_chain(ctx, q, k)
+    def _build_fused(self, ctx: PatternContext, q, k) -> BlockLayout:
+        """The fused Triton build (``topk_layout``: two launches), which ``_build`` takes where
+        ``_fused`` says so; ``scripts/bench_topk_build.py`` times it at every size."""
+        from ..kernels.block_score.topk_layout import topk_layout
+
+        counts, indices = topk_layout(q, k, ctx.block_q, ctx.block_kv, **self._rule())
+        return BlockLayout(counts, indices, ctx.seq_len, ctx.seq_len, ctx.block_q, ctx.block_kv)
 
     def _build_chain(self, ctx: PatternContext, q, k) -> BlockLayout:
         """The PyTorch-selection build (``block_scores`` then top-k / select): the path off the Triton
