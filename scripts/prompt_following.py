@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from dit_sparse.cli.compare import REFERENCE
-from dit_sparse.cli.errors import FAILURE, CLIError
+from dit_sparse.cli.errors import FAILURE, CLIError, exit_code
 from dit_sparse.cli.options import positive_int
 from dit_sparse.cli.outputs import OutputSet, write_json
 from dit_sparse.cli.report import clean_for_json
@@ -353,12 +353,7 @@ def _settings_dict(settings: GenerationSettings, judge_only: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except CLIError as e:
-        print(f"prompt_following: error: {e.message}", file=sys.stderr)
-        return e.code
+    return exit_code("prompt_following", _run, build_parser().parse_args(argv))
 
 
 def _run(args) -> int:

@@ -51,7 +51,7 @@ import torch
 
 import dit_sparse.cli.run as cli_run
 from dit_sparse.cli.compare import REFERENCE
-from dit_sparse.cli.errors import CLIError
+from dit_sparse.cli.errors import CLIError, exit_code
 from dit_sparse.cli.options import add_generation_options, settings_from_args
 from dit_sparse.cli.outputs import OutputSet, write_json
 from dit_sparse.cli.report import clean_for_json
@@ -438,12 +438,7 @@ def resolve_defaults(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except CLIError as e:
-        print(f"quality_report: error: {e.message}", file=sys.stderr)
-        return e.code
+    return exit_code("quality_report", _run, build_parser().parse_args(argv))
 
 
 def _run(args) -> int:

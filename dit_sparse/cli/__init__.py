@@ -22,7 +22,7 @@ import importlib.util
 import sys
 
 from . import compare, generate, masks, presets_cmd
-from .errors import CLIError
+from .errors import CLIError, exit_code
 
 __all__ = ["main", "build_parser", "CLIError"]
 
@@ -57,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args))
-    except CLIError as e:
-        print(f"dit-sparse: error: {e.message}", file=sys.stderr)
-        return e.code
+        return exit_code("dit-sparse", args.func, args)
     except KeyboardInterrupt:
         print("dit-sparse: interrupted", file=sys.stderr)
         return 130
