@@ -93,3 +93,24 @@ def test_prompt_following_line_says_what_was_measured_or_why_not(script):
     (line,) = script.prompt_following_line(cfg, "RuntimeError: CUDA out of memory")
     assert line.endswith("not measured (RuntimeError: CUDA out of memory)")
     assert script.prompt_following_line(cfg, None) == []
+
+
+def test_resumed_run_draws_a_new_seed_unless_told(script, tmp_path):
+    # A resumed run with the last run's seed would replay its videos, noise and noise levels.
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    assert script.main(["--smoke", "--no-samples", "--out", str(first), "--seed", "4"]) == 0
+    assert script.resumed_seed(first) == 5
+    assert script.main(["--smoke", "--no-samples", "--out", str(second), "--resume-from", str(first)]) == 0
+    readme = (second / "README.md").read_text()
+    assert '"seed": 5' in readme and "--seed 5" in readme  # recorded in the config and the command
+    assert script.resumed_seed(second) == 6
+    assert script.main(["--smoke", "--no-samples", "--out", str(third), "--resume-from", str(second),
+                        "--seed", "4"]) == 0
+    assert '"seed": 4' in (third / "README.md").read_text()  # an explicit seed wins
+
+
+def test_resumed_seed_of_a_readme_without_configuration(script, tmp_path):
+    (tmp_path / "README.md").write_text("# a model\n\nno configuration block here\n")
+    assert script.resumed_seed(tmp_path) == 1
+    with pytest.raises(ValueError, match="not a model folder written by this script"):
+        script.resumed_seed(tmp_path / "missing")
