@@ -51,6 +51,7 @@ __all__ = [
     "build_default_components",
     "build_default_pipeline",
     "default_model_path",
+    "prompt_note",
     "save_default_model",
 ]
 
@@ -132,6 +133,21 @@ _WEIGHTS_FOLDER = "default_model"
 def default_model_path() -> pathlib.Path:
     """The package folder that holds the shipped weights (``dit_sparse/pipelines/default_model``)."""
     return pathlib.Path(str(importlib.resources.files("dit_sparse.pipelines") / _WEIGHTS_FOLDER))
+
+
+def prompt_note(prompt: str) -> str | None:
+    """A one-line note for a prompt outside the grammar the default model was trained on
+    (:func:`dit_sparse.data.vocabulary.parse_prompt`), None for a prompt inside it. Such a prompt still
+    generates, but the model has only ever seen its own grammar: "a red circle moving left", with no
+    background, gives a frame filled with red."""
+    from dit_sparse.data.vocabulary import parse_prompt
+
+    try:
+        parse_prompt(prompt)
+    except ValueError as e:
+        return (f"note: the default model was trained only on prompts like 'a green ring growing on a black "
+                f"background', so expect little of what this one asks; {e}")
+    return None
 
 
 def has_shipped_weights() -> bool:

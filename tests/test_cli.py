@@ -282,7 +282,7 @@ def test_generate_out_of_memory_is_reported(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli_run, "_apply", lambda pipe, config: None)
     monkeypatch.setattr(cli_run, "_remove", lambda pipe: None)
     out, report = tmp_path / "v.mp4", tmp_path / "r.json"
-    assert main(["generate", "--prompt", "x", "--out", str(out), "--report", str(report)] + TINY) == 1
+    assert main(["generate", "--prompt", PROMPT, "--out", str(out), "--report", str(report)] + TINY) == 1
     err = capsys.readouterr().err
     assert "out of memory" in err and "--cpu-offload" in err and err.count("\n") == 1
     assert _files(tmp_path) == []
@@ -361,6 +361,19 @@ def test_generate_writes_video_and_report(tmp_path, capsys):
     speed = measured_speedup("fast")  # from the preset table (benchmarks/e2e.json), or none
     assert (f"speedup vs dense {speed['text']}" if speed else "speedup vs dense not measured") in summary
     assert data["measured_speedup_vs_dense"] == speed
+
+
+def test_prompt_outside_the_default_models_grammar_gets_a_note(tmp_path, capsys):
+    # It still generates; the note says what the model knows and which word does not fit.
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--prompt", "a red circle moving left", "--out", str(out)] + TINY) == 0
+    err = capsys.readouterr().err
+    assert "note: the default model was trained only on prompts like" in err and "ends too early" in err
+    assert _read_video(out).shape == (5, 32, 32, 3)
+    from dit_sparse.pipelines.default_model import prompt_note
+
+    assert prompt_note(PROMPT) is None and prompt_note("a green ring growing on a striped black background") is None
+    assert "word 3 is 'cat'" in prompt_note("a red cat moving left on a blue background")
 
 
 @pytest.mark.parametrize("size, flag", [(["--frames", "6"], "--frames"), (["--height", "40"], "--height")])

@@ -13,7 +13,7 @@ from .errors import CLIError
 from .options import add_generation_options, settings_from_args
 from .outputs import OutputSet, write_json
 from .report import clean_for_json
-from .run import check_video_size, generate, load, resolve_preset, versions
+from .run import check_video_size, generate, load, note_prompt, resolve_preset, versions
 
 __all__ = ["add_parser", "run", "parse_preset_list", "REFERENCE"]
 
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     sbs_mp4, sbs_gif = outputs.add("side_by_side.mp4"), outputs.add("side_by_side.gif")
     json_path = outputs.add("compare.json")
     outputs.check()
+    note_prompt(settings)
 
     with outputs:
         pipe = load(settings)

@@ -16,7 +16,7 @@ from .options import add_generation_options, add_preset_option, positive_int, se
 from .outputs import OutputSet, write_json
 from .presets_cmd import measured_speedup
 from .report import clean_for_json
-from .run import check_video_size, generate, load, resolve_preset, versions
+from .run import check_video_size, generate, load, note_prompt, resolve_preset, versions
 
 __all__ = ["add_parser", "run"]
 
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     resolve_preset(args.preset)  # unknown preset: fail before anything loads
     _declare_outputs(args)[0].check()
+    note_prompt(settings)
     if getattr(args, "gpus", 1) > 1:
         return _run_parallel(args, settings)
     return _run_rank(args, settings)

@@ -10,6 +10,7 @@ reports.
 from __future__ import annotations
 
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -99,6 +100,17 @@ def resolve_preset(name: str):
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def note_prompt(settings: GenerationSettings) -> None:
+    """On stderr, a note when the embedded default model gets a prompt outside the grammar it was trained on
+    (it still generates)."""
+    if settings.model == "default":
+        from dit_sparse.pipelines.default_model import prompt_note
+
+        note = prompt_note(settings.prompt)
+        if note is not None:
+            print(note, file=sys.stderr)
+
+
 def load(settings: GenerationSettings):
     """Load the pipeline for ``settings`` (model folder or "default") on its device and dtype."""
     device = settings.resolved_device()
