@@ -214,6 +214,9 @@ def measure_judge(specs, settings: GenerationSettings) -> tuple[list[dict], list
     return [row, degraded_row], records + degraded_records
 
 
+JUDGE_THREADS = 4  # CPU threads when generating on a GPU (the CPU only judges and renders)
+
+
 def settings_batch(settings: GenerationSettings) -> int:
     return GPU_BATCH if settings.resolved_device().startswith("cuda") else CPU_BATCH
 
@@ -370,6 +373,11 @@ def _run(args) -> int:
     for name in presets:
         resolve_preset(name)
     batch = args.batch_size or settings_batch(settings)
+    if settings.resolved_device().startswith("cuda"):
+        # The judge and the ground-truth renders are many small CPU tensor ops: with every core of a GPU host
+        # as an intra-op thread they spin more than they work (H200 host, 32 cores, 16 prompts: 80 s wall,
+        # 26 CPU-minutes; 2 threads judge 8 videos in 2.0 s, 1 thread in 2.9 s).
+        torch.set_num_threads(min(torch.get_num_threads(), JUDGE_THREADS))
     specs = held_out_specs(args.n, args.spec_seed)
     stem = "judge_check" if args.judge_only else "prompt_following"
     outputs = OutputSet(args.out_dir)

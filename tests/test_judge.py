@@ -256,6 +256,25 @@ def test_script_writes_json_markdown_and_sheet(tiny_model_folder, tmp_path, caps
     assert "wrote" in capsys.readouterr().out
 
 
+def test_script_caps_cpu_threads_when_generating_on_a_gpu(tmp_path, capsys, monkeypatch):
+    # On a GPU host the CPU only judges and renders: small ops that many intra-op threads slow down.
+    pf = _load_script()
+    monkeypatch.setattr(pf.GenerationSettings, "resolved_device", lambda self: "cuda")
+
+    def stop(settings):
+        raise pf.CLIError("stopped before loading")
+
+    monkeypatch.setattr(pf, "load", stop)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(pf.JUDGE_THREADS + 2)
+        assert pf.main(["--n", "1", "--out-dir", str(tmp_path / "x")]) != 0
+        assert torch.get_num_threads() == pf.JUDGE_THREADS
+    finally:
+        torch.set_num_threads(threads)
+    assert "stopped before loading" in capsys.readouterr().err
+
+
 def test_script_refuses_bad_settings_before_loading_a_model(tmp_path, capsys, monkeypatch):
     pf = _load_script()
     monkeypatch.setattr(pf, "load", lambda settings: pytest.fail("loaded a model"))
