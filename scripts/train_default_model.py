@@ -175,6 +175,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--vae-minutes and --dit-minutes must be positive, got {cfg.vae_minutes}, {cfg.dit_minutes}")
     if not 0 < cfg.warmup_fraction <= 1:
         raise ValueError(f"warmup_fraction must be in (0, 1], got {cfg.warmup_fraction}")
+    if not (math.isfinite(cfg.flow_shift) and cfg.flow_shift > 0):
+        raise ValueError(f"--flow-shift must be a positive number, got {cfg.flow_shift}")
 
 
 class TrainLog:
@@ -820,6 +822,10 @@ def parse_args(argv):
                    help="a model folder written by this script: keep its VAE (and latent statistics) and train "
                         "its transformer + text encoder further for --dit-minutes (no VAE phase)")
     p.add_argument("--dit-lr", type=float, default=None, help="peak transformer learning rate")
+    p.add_argument("--flow-shift", type=float, default=None,
+                   help=f"shift of the training noise levels, s = shift u / (1 + (shift - 1) u) (default "
+                        f"{SCHEDULER_CONFIG['flow_shift']}, the sampler's; lower puts more steps at low noise, "
+                        "where outlines form); the sampler keeps its own shift")
     p.add_argument("--gpus", type=int, default=1,
                    help="train the transformer data-parallel on this many GPUs (one process each; gloo processes "
                         "on a CPU); needs --resume-from (the VAE phase runs on one GPU); --dit-batch is per GPU")
@@ -855,7 +861,7 @@ def run(argv, rank: int = 0, world: int = 1) -> int:
         args.seed = resumed_seed(args.resume_from) if args.resume_from is not None else 0
         argv = [*argv, "--seed", str(args.seed)]  # the command recorded in the README repeats this run
     cfg = smoke_config(args.seed) if args.smoke else TrainConfig(seed=args.seed)
-    for name in ("vae_minutes", "dit_minutes", "vae_batch", "dit_batch", "dit_lr"):
+    for name in ("vae_minutes", "dit_minutes", "vae_batch", "dit_batch", "dit_lr", "flow_shift"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     check_config(cfg)

@@ -114,3 +114,14 @@ def test_resumed_seed_of_a_readme_without_configuration(script, tmp_path):
     assert script.resumed_seed(tmp_path) == 1
     with pytest.raises(ValueError, match="not a model folder written by this script"):
         script.resumed_seed(tmp_path / "missing")
+
+
+def test_flow_shift_changes_the_training_noise_levels_not_the_sampler(script, tmp_path):
+    out = tmp_path / "m"
+    assert script.main(["--smoke", "--no-samples", "--out", str(out), "--flow-shift", "1.5"]) == 0
+    assert '"flow_shift": 1.5' in (out / "README.md").read_text()
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["flow_shift"] == script.SCHEDULER_CONFIG["flow_shift"]
+    with pytest.raises(ValueError, match="--flow-shift must be a positive number"):
+        script.main(["--smoke", "--no-samples", "--out", str(tmp_path / "bad"), "--flow-shift", "0"])
+    assert not (tmp_path / "bad").exists()
