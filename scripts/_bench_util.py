@@ -58,6 +58,10 @@ def env_info() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    # Host-side timings (launch latencies, synchronised builds) suffer when other work shares the CPUs: record
+    # how busy the host was (1-minute load average when this is called, usually at the end of a run).
+    info["host_cpus"] = os.cpu_count()
+    info["host_load_1min"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = props.name

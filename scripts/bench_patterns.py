@@ -300,7 +300,9 @@ def main(argv=None) -> int:
         "are built once for all layers, dynamic ones per layer. `search ms (device)`: the GPU time of all "
         "cache lookups of the run with the host running ahead (CUDA events; a hit queues no device work); "
         "`search ms (sync)`: the same lookups timed from an idle device (a build until its device work is done, "
-        "a hit by its host time; launch latencies included). share = search ms / (sparse calls x ours ms).\n\n"
+        "a hit by its host time; launch latencies included), so it depends on how busy the host's CPUs were: "
+        f"load {env['host_load_1min']} (1-minute average at the end of the run) on {env['host_cpus']} CPUs. "
+        "share = search ms / (sparse calls x ours ms).\n\n"
         "Produced by `python scripts/bench_patterns.py`.\n\n" + markdown_table(headers, rows)
     )
     write_report(args.out, "patterns", {"env": env, "layers": args.layers, "steps": args.steps,

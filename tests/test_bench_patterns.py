@@ -50,3 +50,11 @@ def test_engine_run_rejects_an_unknown_timing(bench):
     cfg, _ = bench.make_config(bench.PATTERNS["topk_10%"], tl.tile, backend="torch")
     with pytest.raises(ValueError, match="timing"):
         bench.engine_run(cfg, tl, q, q, q, layers=1, steps=2, timing="wall")
+
+
+def test_env_info_records_how_busy_the_host_was():
+    # The synchronised search timings include host time, so every benchmark records the host's load.
+    util = load_script("_bench_util")
+    env = util.env_info()
+    assert env["host_cpus"] >= 1
+    assert env["host_load_1min"] is None or env["host_load_1min"] >= 0
