@@ -35,12 +35,19 @@ Usage::
     python scripts/prompt_following.py --device cuda --presets dense,quality,fast
     python scripts/prompt_following.py --model /models/my-procedural-wan --device cuda --n 96
     python scripts/prompt_following.py --judge-only --n 300 --frames 17 --height 128 --width 128
+    python scripts/prompt_following.py --presets dense --config fast-no-reuse=no_reuse.json
+
+``--config LABEL=FILE.json`` (repeatable) adds a row for a config of your own, after the presets: FILE holds
+:class:`~dit_sparse.SparseAttentionConfig` fields (as ``to_dict()`` writes them), optionally with
+``"preset": NAME`` as the base the other fields override - e.g. ``{"preset": "fast", "reuse_every": null}``
+is ``fast`` without block reuse.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import pathlib
 import sys
@@ -55,6 +62,7 @@ from dit_sparse.cli.options import positive_int
 from dit_sparse.cli.outputs import OutputSet, write_json
 from dit_sparse.cli.report import clean_for_json
 from dit_sparse.cli.run import DTYPES, GenerationSettings, check_video_size, load, resolve_preset, versions
+from dit_sparse.config import SparseAttentionConfig
 from dit_sparse.data import HELD_OUT_SPEC_SEED, held_out_specs, render_videos, video_to_model_input
 from dit_sparse.data.judge import ATTRIBUTES, accuracy, chance_accuracy, degrade_video, judge_video
 from dit_sparse.pipelines.default_model import (
@@ -171,10 +179,11 @@ def measure_renders(specs, settings: GenerationSettings, pipe=None, batch: int =
     return rows, records
 
 
-def measure_presets(pipe, specs, settings: GenerationSettings, presets: list[str], batch: int, progress: bool,
-                    keep: int) -> tuple[list[dict], list[dict]]:
-    """Generate every prompt with every preset (applied, then removed), ``batch`` prompts per pipeline call,
-    and judge the videos as they come; the first ``keep`` videos of the first preset are kept for the sheet."""
+def measure_presets(pipe, specs, settings: GenerationSettings, presets: list[tuple[str, SparseAttentionConfig]],
+                    batch: int, progress: bool, keep: int) -> tuple[list[dict], list[dict]]:
+    """Generate every prompt with every ``(label, config)`` of ``presets`` (applied, then removed), ``batch``
+    prompts per pipeline call, and judge the videos as they come; the first ``keep`` videos of the first
+    config are kept for the sheet."""
     from tqdm.auto import tqdm
 
     from dit_sparse import apply_sparse_attention, remove_sparse_attention
@@ -183,9 +192,9 @@ def measure_presets(pipe, specs, settings: GenerationSettings, presets: list[str
     seeds = [settings.seed + i for i in range(len(specs))]
     pipe.set_progress_bar_config(disable=True)
     rows, records = [], []
-    for name in presets:
+    for name, config in presets:
         try:
-            apply_sparse_attention(pipe, resolve_preset(name))
+            apply_sparse_attention(pipe, config)
         except ValueError as e:
             raise CLIError(f"cannot apply preset '{name}': {' '.join(str(e).split())}") from e
         clock = {"seconds": 0.0}
@@ -320,6 +329,32 @@ def contact_sheet(records: list[dict], path: pathlib.Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def config_entry(text: str) -> tuple[str, SparseAttentionConfig]:
+    """``LABEL=FILE.json`` of ``--config`` -> (label, config); CLIError saying what is wrong otherwise."""
+    label, sep, path = text.partition("=")
+    label, path = label.strip(), pathlib.Path(path.strip())
+    if not sep or not label or not str(path):
+        raise CLIError(f"--config wants LABEL=FILE.json, got {text!r}")
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise CLIError(f"--config {label}: cannot read {path} ({e.strerror or e})") from e
+    except ValueError as e:
+        raise CLIError(f"--config {label}: {path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CLIError(f"--config {label}: {path} must hold a JSON object of SparseAttentionConfig fields")
+    base = data.pop("preset", None)
+    try:
+        if base is None:
+            config = SparseAttentionConfig.from_dict(data)
+        else:
+            config = SparseAttentionConfig.from_dict({**resolve_preset(str(base)).to_dict(), "preset_name": None,
+                                                      **data})
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"--config {label}: {' '.join(str(e).split())}") from e
+    return label, config
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="local diffusers model folder, or 'default' (embedded model)")
@@ -340,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"videos per pipeline call (default {GPU_BATCH} on CUDA, {CPU_BATCH} on CPU)")
     p.add_argument("--presets", default=REFERENCE, help=f"comma-separated speed presets (default {REFERENCE})")
+    p.add_argument("--config", action="append", default=[], metavar="LABEL=FILE.json",
+                   help="also judge a config of your own, as row LABEL: a JSON file of SparseAttentionConfig "
+                        "fields, optionally with \"preset\": NAME as the base they override (repeatable)")
     p.add_argument("--no-vae-ceiling", action="store_true", help="skip the renders-through-the-VAE row")
     p.add_argument("--judge-only", action="store_true",
                    help="no model: judge renders as they are and degraded; writes judge_check.json / .md")
@@ -370,8 +408,11 @@ def _run(args) -> int:
     presets = [n for n in dict.fromkeys(x.strip() for x in args.presets.split(",")) if n]
     if not presets:
         raise CLIError("--presets is empty; give e.g. --presets dense,fast")
-    for name in presets:
-        resolve_preset(name)
+    configs = [(name, resolve_preset(name)) for name in presets] + [config_entry(e) for e in args.config]
+    labels = [label for label, _ in configs]
+    clash = sorted({x for x in labels if labels.count(x) > 1 or x in (RENDERS, VAE_ROUND_TRIP, "chance")})
+    if clash:
+        raise CLIError(f"row label {clash[0]!r} is used twice (or by a reference row); give each --config its own")
     batch = args.batch_size or settings_batch(settings)
     if settings.resolved_device().startswith("cuda"):
         # The judge and the ground-truth renders are many small CPU tensor ops: with every core of a GPU host
@@ -393,7 +434,7 @@ def _run(args) -> int:
             check_video_size(pipe, settings)
             try:
                 rows, records = measure_renders(specs, settings, None if args.no_vae_ceiling else pipe, batch)
-                preset_rows, preset_records = measure_presets(pipe, specs, settings, presets, batch,
+                preset_rows, preset_records = measure_presets(pipe, specs, settings, configs, batch,
                                                               not args.no_progress, keep=SHEET_VIDEOS)
             except torch.cuda.OutOfMemoryError as e:
                 raise CLIError(f"CUDA out of memory with {batch} videos at a time; use a smaller --batch-size",
@@ -409,6 +450,7 @@ def _run(args) -> int:
             "settings": _settings_dict(settings, args.judge_only),
             "batch_size": batch,
             "presets": [] if args.judge_only else presets,
+            "configs": {} if args.judge_only else {label: cfg.to_dict() for label, cfg in configs[len(presets):]},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": info["cuda_device"] or f"CPU ({os.cpu_count()} cores)",
         }

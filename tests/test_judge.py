@@ -283,3 +283,49 @@ def test_script_refuses_bad_settings_before_loading_a_model(tmp_path, capsys, mo
     assert pf.main(["--height", "8", "--out-dir", str(tmp_path / "x")]) == 2
     assert "16x16" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_script_judges_configs_of_your_own_next_to_the_presets(tiny_model_folder, tmp_path):
+    pf = _load_script()
+    no_reuse = tmp_path / "no_reuse.json"
+    no_reuse.write_text(json.dumps({"preset": "fast", "reuse_every": None}))
+    tiles = tmp_path / "tiles.json"
+    tiles.write_text(json.dumps({"pattern": "tile3d", "window": [3, 3, 3]}))
+    out = tmp_path / "report"
+    argv = ["--model", str(tiny_model_folder), "--n", "1", "--frames", "5", "--height", "32", "--width", "32",
+            "--steps", "2", "--guidance", "1", "--presets", "dense", "--config", f"fast-no-reuse={no_reuse}",
+            "--config", f"tiles={tiles}", "--no-vae-ceiling", "--device", "cpu", "--no-progress",
+            "--out-dir", str(out)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert pf.main(argv) == 0
+    data = json.loads((out / "prompt_following.json").read_text())
+    assert [r["source"] for r in data["rows"]] == ["renders", "dense", "fast-no-reuse", "tiles"]
+    cfg = data["configs"]["fast-no-reuse"]
+    fast = pf.resolve_preset("fast").to_dict()
+    assert cfg["reuse_every"] is None and cfg["preset_name"] is None
+    assert {k: v for k, v in cfg.items() if k not in ("reuse_every", "preset_name")} == \
+        {k: v for k, v in fast.items() if k not in ("reuse_every", "preset_name")}
+    assert data["configs"]["tiles"]["window"] == [3, 3, 3] and data["configs"]["tiles"]["reuse_every"] is None
+    assert "| fast-no-reuse | 1 |" in (out / "prompt_following.md").read_text()
+
+
+@pytest.mark.parametrize("content, entry, message", [
+    (None, "nolabel", "wants LABEL=FILE.json"),
+    (None, "x={missing}", "cannot read"),
+    ("{not json", "x={path}", "is not valid JSON"),
+    ("[1, 2]", "x={path}", "must hold a JSON object"),
+    ('{"windw": [3, 3, 3]}', "x={path}", "windw"),
+    ('{"preset": "warp"}', "x={path}", "unknown preset 'warp'"),
+    ('{"pattern": "tile3d"}', "dense={path}", "row label 'dense' is used twice"),
+])
+def test_script_refuses_a_bad_config_before_loading_a_model(tmp_path, capsys, monkeypatch, content, entry, message):
+    pf = _load_script()
+    monkeypatch.setattr(pf, "load", lambda settings: pytest.fail("loaded a model"))
+    path = tmp_path / "c.json"
+    if content is not None:
+        path.write_text(content)
+    entry = entry.format(path=path, missing=tmp_path / "missing.json")
+    assert pf.main(["--presets", "dense", "--config", entry, "--out-dir", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
