@@ -275,6 +275,13 @@ def render_markdown(meta: dict, rows: list[dict], chance: dict, records: list[di
         lines.append(f"| {r['source']} | {r['n']} | " + " | ".join(cells) + f" | {_time(r)} |")
     lines.append("| chance | - | " + " | ".join(_percent(chance[c]) for c in COLUMNS) + " | - |")
     lines += ["", "Time: generation (s per video) for presets, VAE encode + decode in all for the VAE row.", ""]
+    if meta.get("configs"):
+        default = SparseAttentionConfig().to_dict()
+        lines += ["Configs of your own (`--config`; the fields that differ from `SparseAttentionConfig()`):", ""]
+        for label, cfg in meta["configs"].items():
+            changed = {k: v for k, v in cfg.items() if v != default.get(k)}
+            lines.append(f"- {label}: `{json.dumps(changed)}`" if changed else f"- {label}: the defaults")
+        lines.append("")
     lines += ["Mistakes (asked -> judged, count):", ""]
     for r in rows:
         found = {a: m for a, m in misses(records, r["source"]).items() if m}

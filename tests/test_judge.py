@@ -290,7 +290,7 @@ def test_script_judges_configs_of_your_own_next_to_the_presets(tiny_model_folder
     no_reuse = tmp_path / "no_reuse.json"
     no_reuse.write_text(json.dumps({"preset": "fast", "reuse_every": None}))
     tiles = tmp_path / "tiles.json"
-    tiles.write_text(json.dumps({"pattern": "tile3d", "window": [3, 3, 3]}))
+    tiles.write_text(json.dumps({"pattern": "tile3d", "window": [3, 3, 3], "dense_steps": 0.5}))
     out = tmp_path / "report"
     argv = ["--model", str(tiny_model_folder), "--n", "1", "--frames", "5", "--height", "32", "--width", "32",
             "--steps", "2", "--guidance", "1", "--presets", "dense", "--config", f"fast-no-reuse={no_reuse}",
@@ -307,7 +307,9 @@ def test_script_judges_configs_of_your_own_next_to_the_presets(tiny_model_folder
     assert {k: v for k, v in cfg.items() if k not in ("reuse_every", "preset_name")} == \
         {k: v for k, v in fast.items() if k not in ("reuse_every", "preset_name")}
     assert data["configs"]["tiles"]["window"] == [3, 3, 3] and data["configs"]["tiles"]["reuse_every"] is None
-    assert "| fast-no-reuse | 1 |" in (out / "prompt_following.md").read_text()
+    md = (out / "prompt_following.md").read_text()
+    assert "| fast-no-reuse | 1 |" in md
+    assert '- tiles: `{"dense_steps": 0.5}`' in md and '- fast-no-reuse: `{"dense_steps": 0.1' in md
 
 
 @pytest.mark.parametrize("content, entry, message", [
