@@ -28,6 +28,7 @@ from dit_sparse.cli.errors import CLIError
 from dit_sparse.cli.outputs import OutputSet, write_json
 from dit_sparse.cli.report import clean_for_json
 from dit_sparse.cli.side_by_side import side_by_side
+from dit_sparse.data.judge import ATTRIBUTES
 from dit_sparse.presets import PRESETS
 
 from _scripts import load_script  # tests/ helper
@@ -424,9 +425,31 @@ def test_compare_two_presets(tmp_path, capsys):
     fast = rows["fast"]
     assert fast["psnr_db"] is None or fast["psnr_db"] > 0
     assert -1.0 <= fast["ssim"] <= 1.0 and fast["seconds"] > 0
+    for row in rows.values():  # PROMPT is in the procedural grammar: every video is judged
+        judge = row["judge"]
+        assert judge["of"] == 4 and 0 <= judge["matches"] <= 4 and set(judge["seen"]) == set(ATTRIBUTES)
+        assert judge["all_correct"] == (judge["matches"] == 4)
     captured = capsys.readouterr()
     assert "psnr_db" in captured.out and "fast" in captured.out and "dense" in captured.out
+    assert f"{rows['fast']['judge']['matches']}/4" in captured.out and "pixel judge" in captured.out
     assert "fast: 100%" in captured.err and "2/2" in captured.err  # one progress bar per run, a tick per step
+
+
+def test_compare_judges_only_prompts_of_the_procedural_grammar():
+    from dit_sparse.cli.compare import format_table, judge_prompt
+    from dit_sparse.data import render_videos, sample_spec
+
+    spec = sample_spec(777, 0)
+    video = (render_videos([spec], 9, 64, 64)[0].numpy() * 255).round().astype(np.uint8)
+    judge = judge_prompt(video, spec.prompt)
+    assert judge["matches"] == 4 and judge["all_correct"]  # the render itself: what the prompt asks
+    wrong = spec.prompt.replace(spec.attrs.shape, "ring" if spec.attrs.shape != "ring" else "square")
+    assert judge_prompt(video, wrong)["matches"] == 3
+    assert judge_prompt(video, "a cat playing piano") is None  # outside the grammar: no verdict
+    assert judge_prompt(video[:1], spec.prompt) is None and judge_prompt(video[:, :8, :8], spec.prompt) is None
+    row = {"preset": "fast", "seconds": 1.0, "speedup_vs_dense": 1.0, "psnr_db": 30.0, "ssim": 0.9}
+    assert "prompt" not in format_table([{**row, "judge": None}])
+    assert " 4/4" in format_table([{**row, "judge": judge}])
 
 
 def test_masks_writes_pngs(tmp_path, capsys):
