@@ -301,13 +301,15 @@ def test_quality_report_summary_markdown_and_plot(tmp_path):
         records.append({"preset": "dense", "seed": seed, "seconds": t_dense, "psnr_db": math.inf, "ssim": 1.0,
                         "density": 1.0, "effective_density": 1.0, "recall": None})
         records.append({"preset": "fast", "seed": seed, "seconds": t_fast, "psnr_db": p_fast, "ssim": 0.9,
-                        "density": 0.25, "effective_density": 0.4, "recall": None})
+                        "density": 0.25, "effective_density": 0.4, "recall": None,
+                        "judge": {"matches": 2 + seed, "of": 4}})
     rows = qr.summarize(records, ["fast"])
     dense, fast = rows
     assert dense["psnr_db"] == math.inf and dense["speedup"] == pytest.approx(1.0)
     assert fast["speedup"] == pytest.approx(2.5) and fast["psnr_db"] == pytest.approx(26.0)
     assert fast["psnr_db_min"] == 24.0 and fast["meets_target"] is True  # fast target: 25 dB
     assert fast["recall"] is None
+    assert fast["prompt_matches"] == pytest.approx(2.5) and dense["prompt_matches"] is None  # dense: not judged
 
     e2e_path = tmp_path / "e2e.json"
     # The layout scripts/bench_e2e.py writes (only the fields read here).
@@ -324,6 +326,8 @@ def test_quality_report_summary_markdown_and_plot(tmp_path):
     fast_line = next(line for line in md.splitlines() if line.startswith("| fast"))
     assert "2.50x" in fast_line and "26.00" in fast_line and "met (>= 25 dB)" in fast_line and "2.20x" in fast_line
     assert "n/a" in fast_line  # no recall in the stats: shown as n/a, never invented
+    assert "| 0.9000 | 2.50 |" in fast_line
+    assert "| 1.0000 | - |" in next(line for line in md.splitlines() if line.startswith("| dense"))
     png = tmp_path / "q.png"
     qr.plot(rows, png, e2e)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
