@@ -349,7 +349,8 @@ def _table_row(r: dict, e2e: dict[str, float]) -> str:
     cells = [
         r["preset"], _fmt(r["seconds"], ".2f"), _fmt(r["speedup"], ".2f", "-") + ("x" if r["speedup"] else ""),
         _fmt(r["psnr_db"], ".2f"), _fmt(r["psnr_db_min"], ".2f"), _fmt(r["ssim"], ".4f"),
-        _fmt(r.get("prompt_matches"), ".2f"), _fmt(r["density"], ".3f", "n/a"), _fmt(r["effective_density"], ".3f", "n/a"),
+        _fmt(r.get("prompt_matches"), ".2f"),
+        _fmt(r["density"], ".3f", "n/a"), _fmt(r["effective_density"], ".3f", "n/a"),
         _fmt(r["recall"], ".3f", "n/a"), target,
     ]
     if e2e:

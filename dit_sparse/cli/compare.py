@@ -115,12 +115,12 @@ def judge_prompt(frames, prompt: str) -> dict | None:
     from dit_sparse.data.vocabulary import parse_prompt
 
     try:
-        parse_prompt(prompt)
+        attrs = parse_prompt(prompt)
     except ValueError:
         return None
     if frames.shape[0] < 2 or min(frames.shape[1:3]) < 16:
         return None
-    verdict = judge_video(frames, prompt)
+    verdict = judge_video(frames, attrs)
     return {
         "matches": sum(bool(verdict[a]["correct"]) for a in ATTRIBUTES),
         "of": len(ATTRIBUTES),
@@ -154,7 +154,8 @@ def format_table(rows: list[dict]) -> str:
         line = f"{r['preset']:<10} {r['seconds']:>8.2f} {speed:>8} {p:>8} {r['ssim']:>7.4f}"
         if judged:
             j = r.get("judge")
-            line += f" {(str(j['matches']) + '/' + str(j['of'])) if j else '-':>6}"
+            seen = f"{j['matches']}/{j['of']}" if j else "-"
+            line += f" {seen:>6}"
         lines.append(line)
     if judged:
         lines.append("prompt: attributes of the prompt (shape colour, background, motion, shape) that the pixel "
