@@ -1,4 +1,5 @@
-"""``torch.library`` custom ops around the Triton kernels, with fake (meta) kernels and autograd.
+"""``torch.library`` custom ops around the Triton kernels (and the Hopper Gluon forward where it applies), with
+fake (meta) kernels and autograd.
 
 * ``dit_sparse::block_sparse_fwd(q, k, v, kv_counts, kv_indices, q_counts?, q_indices?, scale, block_q,
   block_kv) -> (o, lse)``
@@ -18,6 +19,8 @@ from typing import Optional
 import torch
 
 from . import triton_bwd, triton_fwd
+from .hopper_fwd import hopper_block_sparse_fwd, hopper_fwd_supported
+from .layout_ops import full_rows_hint
 
 __all__ = ["block_sparse_fwd_op", "block_sparse_bwd_op"]
 
@@ -39,11 +42,15 @@ def block_sparse_fwd_op(
     block_q: int,
     block_kv: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``o [B, H, Sq, D]`` (q's dtype) and natural-log ``lse`` fp32 ``[B, H, Sq]``."""
-    return triton_fwd.block_sparse_fwd(
-        _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
-        _last_dim_contiguous(kv_counts), _last_dim_contiguous(kv_indices), scale, block_q, block_kv,
-    )
+    """Forward: ``o [B, H, Sq, D]`` (q's dtype) and natural-log ``lse`` fp32 ``[B, H, Sq]``.
+
+    Runs the warp-specialised Hopper kernel (``hopper_fwd.py``) where it applies, else the Triton kernel."""
+    c = _last_dim_contiguous
+    q, k, v, kv_counts, kv_indices = c(q), c(k), c(v), c(kv_counts), c(kv_indices)
+    if hopper_fwd_supported(q, k, v, block_q, block_kv):
+        full = full_rows_hint(kv_counts, kv_indices.shape[-1])
+        return hopper_block_sparse_fwd(q, k, v, kv_counts, kv_indices, scale, full_rows=full)
+    return triton_fwd.block_sparse_fwd(q, k, v, kv_counts, kv_indices, scale, block_q, block_kv)
 
 
 @block_sparse_fwd_op.register_fake

@@ -18,7 +18,7 @@ from dit_sparse.kernels.block_sparse import (
     block_sparse_attention_reference,
     block_sparse_attention_torch,
 )
-from dit_sparse.kernels.block_sparse import triton_bwd, triton_fwd
+from dit_sparse.kernels.block_sparse import hopper_fwd, triton_bwd, triton_fwd
 from dit_sparse.kernels.block_sparse._common import tma_eligible
 from dit_sparse.kernels.block_sparse.function import block_sparse_fwd_op
 from dit_sparse.kernels.block_sparse.layout_ops import cached_transpose, transpose_layout_tensors
@@ -388,7 +388,8 @@ def test_tail_only_rows_with_saturated_scores_stay_finite(backend):
 
 
 @needs_triton
-def test_kernels_write_every_element(monkeypatch):
+@pytest.mark.parametrize("d, block_q, block_kv", [(96, 128, 64), (128, 128, 128)])  # the second: Hopper kernel
+def test_kernels_write_every_element(monkeypatch, d, block_q, block_kv):
     """Outputs allocated NaN-filled: any element a kernel leaves unwritten shows up as NaN."""
 
     def nan_output(like, shape=None, dtype=None):
@@ -398,8 +399,9 @@ def test_kernels_write_every_element(monkeypatch):
 
     monkeypatch.setattr(triton_fwd, "new_output", nan_output)
     monkeypatch.setattr(triton_bwd, "new_output", nan_output)
-    q, k, v = make_qkv(1, 2, 190, 140, 96, torch.float16, 9)
-    layout = random_layout(1, 2, 190, 140, 128, 64, 0.5, 4).to(DEVICE)
+    monkeypatch.setattr(hopper_fwd, "new_output", nan_output)
+    q, k, v = make_qkv(1, 2, 190, 140, d, torch.float16, 9)
+    layout = random_layout(1, 2, 190, 140, block_q, block_kv, 0.5, 4).to(DEVICE)
     o, dq, dk, dv = run_with_grads(lambda a, b, c: block_sparse_attention(a, b, c, layout, backend="triton"),
                                    q, k, v, torch.randn(q.shape).to(DEVICE))
     for name, t in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv)):

@@ -162,6 +162,28 @@ def test_complement_states_subtracts_the_listed_blocks():
     assert torch.count_nonzero(out[:, 2]) == 0, "a row listing every block must give exactly 0"
 
 
+@needs_triton
+@pytest.mark.parametrize("feature_map", [0, 1])
+def test_linear_output_launch_matches_the_fused_epilogue(feature_map):
+    """The linear branch in a launch of its own (the Hopper split of ``sla_forward``) writes the same
+    output as the ``LINEAR`` epilogue of the block-sparse launch, tail rows and a strided q included."""
+    from dit_sparse.kernels.block_sparse.triton_fwd import LinearBranch, block_sparse_fwd
+    from dit_sparse.kernels.sparse_linear.triton_fwd import linear_output, linear_states
+
+    layout = edge_layout(2, 2, 200, 150, 64, 64, 0.4, seed=5).to(DEVICE)
+    q, k, v, _, _ = make_inputs(2, 2, 200, 150, 32, torch.float32, seed=5)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # a [B, S, H, D] buffer seen as [B, H, S, D]
+    counts, indices = layout.kv_counts.expand(2, 2, -1), layout.kv_indices.expand(2, 2, -1, -1)
+    r, z = linear_states(k, v, counts, indices, 64, feature_map)
+    fused = torch.empty_like(q, memory_format=torch.contiguous_format)
+    block_sparse_fwd(q, k, v, counts, indices, 32 ** -0.5, 64, 64,
+                     linear=LinearBranch(r, z, fused, feature_map, 1e-6))
+    alone = torch.full_like(fused, float("nan"))
+    out = linear_output(q, LinearBranch(r, z, alone, feature_map, 1e-6), 64)
+    assert out is alone
+    torch.testing.assert_close(alone, fused, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 def test_large_inputs_stay_finite(backend, feature_map):

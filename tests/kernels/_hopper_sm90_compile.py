@@ -1,0 +1,94 @@
+"""Compile the Hopper forward kernel for sm_90 on a machine without a GPU and print what ptxas made of it.
+
+    python _hopper_sm90_compile.py NUM_STAGES KV_LEN BSHD(0|1) DTYPE(bfloat16|float16)
+
+Builds the launcher's own arguments (``hopper_fwd.kernel_launch``) on CPU tensors - B=2, H=3, Sq=300, a
+batch-broadcast layout, q / k / v in ``[B, H, S, D]`` or as a ``[B, S, H, D]`` buffer's view - specialises
+them as the JIT would, compiles through ``triton.compile`` and runs ``ptxas -v``. The last stdout line is
+JSON: shared memory bytes, wgmma instruction count, setmaxnreg use, spill bytes. Needs TRITON_INTERPRET
+unset (the test that calls it runs it in a process of its own for that reason).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend, get_ptxas
+from triton.experimental.gluon._runtime import GluonASTSource
+
+from dit_sparse.kernels.block_sparse import hopper_fwd
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_sm90(q, k, v, counts, idx, num_stages):
+    """The kernel compiled for sm_90 with the launcher's arguments, specialised as the JIT would."""
+    B, H, S, _ = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, S)
+    _, args, kwargs = hopper_fwd.kernel_launch(q, k, v, o, lse, counts, idx, 0.088, num_stages)
+    fn = hopper_fwd._hopper_fwd_kernel
+    const_names = [p.name for p in fn.params if p.is_constexpr]
+    backend = CUDABackend(TARGET)
+    signature, attrs, constants = {}, {}, {}
+    positional = [n for n in fn.arg_names if n not in const_names]
+    assert len(positional) == len(args), (positional, len(args))
+    for name, arg in zip(positional, args):
+        ty, key = native_specialize_impl(CUDABackend, arg, False, True, True)
+        signature[name] = ty
+        if ty == "constexpr":  # the JIT folds integer arguments equal to 1 into the kernel
+            constants[name] = arg
+        if isinstance(key, str):
+            attrs[(fn.arg_names.index(name),)] = backend.parse_attr(key)
+    options = {name: kwargs.pop(name) for name in ("num_warps", "maxnreg")}
+    for name in const_names:
+        signature[name] = "constexpr"
+        constants[name] = kwargs[name]
+    src = GluonASTSource(fn, signature, constants, attrs)
+    return triton.compile(src, target=TARGET, options=dict(num_stages=num_stages, **options))
+
+
+def ptxas_spill_bytes(ptx: str) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", path, "-o", path + ".cubin"],
+                             capture_output=True, text=True, check=True)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr + run.stdout)
+    if not spills:
+        raise RuntimeError(f"no spill report from ptxas: {run.stderr}")
+    return sum(int(a) + int(b) for a, b in spills)
+
+
+def main(num_stages: int, kv_len: int, bshd: bool, dtype: torch.dtype) -> dict:
+    B, H, S, D = 2, 3, 300, 128
+
+    def make(n):
+        if bshd:
+            return torch.empty(B, n, H, D, dtype=dtype).transpose(1, 2)
+        return torch.empty(B, H, n, D, dtype=dtype)
+
+    q, k, v = make(S), make(kv_len), make(kv_len)
+    mq, mk = triton.cdiv(S, 128), triton.cdiv(kv_len, 128)
+    counts = torch.zeros(1, H, mq, dtype=torch.int32)
+    idx = torch.zeros(1, H, mq, mk, dtype=torch.int32)
+    kernel = compile_sm90(q, k, v, counts, idx, num_stages)
+    ptx = kernel.asm["ptx"]
+    return dict(shared=kernel.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+                setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))),
+                spill_bytes=ptxas_spill_bytes(ptx))
+
+
+if __name__ == "__main__":
+    stages, kv, layout, dt = sys.argv[1:5]
+    print(json.dumps(main(int(stages), int(kv), layout == "1", getattr(torch, dt))))

@@ -1,0 +1,155 @@
+"""The warp-specialised Hopper forward (``kernels/block_sparse/hopper_fwd.py``).
+
+Without a GPU: which inputs it takes (everything else must go to the Triton kernel), and that it compiles
+for sm_90 through ptxas - shared memory within the H100/H200 limit, no register spills - for the launch
+arguments the launcher builds (tail and even key lengths, both ring depths, a ``[B, S, H, D]`` buffer seen
+as ``[B, H, S, D]``, broadcast layouts). On a Hopper GPU: its output and log-sum-exp against the dense
+reference, and through the public API (which picks it) with gradients from the Triton backward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit_sparse.block_layout import BlockLayout
+from dit_sparse.kernels.block_sparse import block_sparse_attention, block_sparse_attention_reference
+from dit_sparse.kernels.block_sparse import hopper_fwd
+
+ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+SMEM_LIMIT = 232448  # bytes of shared memory one CTA may use on H100 / H200
+
+
+def _qkv(B, H, S, Skv, D=128, dtype=torch.bfloat16, device="cpu", bshd=False):
+    g = torch.Generator().manual_seed(0)
+
+    def make(n):
+        if bshd:  # a [B, S, H, D] buffer seen as [B, H, S, D], as the attention processors pass it
+            return torch.randn(B, n, H, D, generator=g).to(device, dtype).transpose(1, 2)
+        return torch.randn(B, H, n, D, generator=g).to(device, dtype)
+
+    return make(S), make(Skv), make(Skv)
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("DIT_SPARSE_HOPPER_FWD", raising=False)
+
+
+needs_gluon = pytest.mark.skipif(not hopper_fwd.HAVE_GLUON, reason="this triton has no Gluon")
+
+
+@needs_gluon
+def test_supported_inputs(no_interpreter, monkeypatch):
+    q, k, v = _qkv(1, 2, 300, 260)
+    ok = dict(block_q=128, block_kv=128, capability=(9, 0))
+    assert hopper_fwd.hopper_fwd_supported(q, k, v, **ok)
+    assert hopper_fwd.hopper_fwd_supported(*_qkv(2, 3, 200, 200, bshd=True), **ok)
+    assert hopper_fwd.hopper_fwd_supported(*_qkv(1, 2, 64, 64, dtype=torch.float16), **ok)
+    # everything below goes to the Triton kernel
+    assert not hopper_fwd.hopper_fwd_supported(q, k, v, block_q=128, block_kv=128, capability=(8, 0))
+    assert not hopper_fwd.hopper_fwd_supported(q, k, v, block_q=128, block_kv=128, capability=(10, 0))
+    assert not hopper_fwd.hopper_fwd_supported(q, k, v, block_q=64, block_kv=128, capability=(9, 0))
+    assert not hopper_fwd.hopper_fwd_supported(q, k, v, block_q=128, block_kv=64, capability=(9, 0))
+    assert not hopper_fwd.hopper_fwd_supported(*_qkv(1, 2, 300, 260, D=64), **ok)
+    assert not hopper_fwd.hopper_fwd_supported(*_qkv(1, 2, 300, 260, dtype=torch.float32), **ok)
+    assert not hopper_fwd.hopper_fwd_supported(*_qkv(1, 2, 300, 0), **ok)
+    assert not hopper_fwd.hopper_fwd_supported(*_qkv(1, 2, 0, 260), **ok)
+    odd = torch.randn(1, 2, 300, 129, dtype=torch.bfloat16)[..., 1:]  # base and row stride not 16-byte aligned
+    assert not hopper_fwd.hopper_fwd_supported(odd, k, v, **ok)
+    assert not hopper_fwd.hopper_fwd_supported(q, k, v, block_q=128, block_kv=128)  # CPU tensors
+    monkeypatch.setenv("DIT_SPARSE_HOPPER_FWD", "0")
+    assert not hopper_fwd.hopper_fwd_supported(q, k, v, **ok)
+    monkeypatch.setenv("DIT_SPARSE_HOPPER_FWD", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not hopper_fwd.hopper_fwd_supported(q, k, v, **ok)
+
+
+@needs_gluon
+@pytest.mark.parametrize("num_stages, skv, bshd, dtype", [
+    (hopper_fwd.STAGES_SPARSE, 1000, True, torch.bfloat16),
+    (hopper_fwd.STAGES_DENSE, 1024, False, torch.float16),
+])
+def test_compiles_for_sm90_within_limits(num_stages, skv, bshd, dtype):
+    # In a process of its own: under TRITON_INTERPRET=1 (set by conftest on CPU) Gluon cannot compile.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(Path(__file__).with_name("_hopper_sm90_compile.py")), str(num_stages), str(skv),
+           str(int(bshd)), str(dtype).removeprefix("torch.")]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    assert info["shared"] <= SMEM_LIMIT
+    assert info["wgmma"] >= 4  # Q K^T and P V of both consumers
+    assert info["setmaxnreg"]  # the producer hands its registers to the consumers
+    assert info["spill_bytes"] == 0
+
+
+def _random_layout(B, H, mq, mk, density, seed, shuffle):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, H, mq, mk, generator=g) < density
+    keep[..., 0, :] = False  # a query block without key blocks
+    keep[..., 1, -1] = True  # the partial last key block
+    counts = keep.sum(-1).to(torch.int32)
+    order = torch.rand(B, H, mq, mk, generator=g) if shuffle else torch.arange(mk).float().expand(B, H, mq, mk)
+    order = torch.where(keep, order, order + 2 * mk)  # kept blocks first, in random or ascending order
+    idx = order.argsort(-1).to(torch.int32)
+    return counts, idx, keep
+
+
+def _dense_reference(q, k, v, keep, scale):
+    """fp32 softmax over the kept 128-blocks, built from the boolean block mask alone."""
+    S, Skv = q.shape[2], k.shape[2]
+    mask = keep.repeat_interleave(128, -2)[..., :S, :].repeat_interleave(128, -1)[..., :Skv]
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    p = torch.exp(logits - lse.unsqueeze(-1).clamp(min=-1e30)).nan_to_num(0.0)
+    return p @ v.float(), lse
+
+
+@pytest.mark.skipif(not (ON_HOPPER and hopper_fwd.HAVE_GLUON), reason="needs a Hopper GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("S, Skv, bshd, shuffle", [(1000, 1000, True, True), (1024, 700, False, False),
+                                                   (300, 1280, True, False)])
+def test_matches_reference_on_hopper(dtype, S, Skv, bshd, shuffle):
+    B, H = 2, 3
+    q, k, v = _qkv(B, H, S, Skv, dtype=dtype, device="cuda", bshd=bshd)
+    mq, mk = -(-S // 128), -(-Skv // 128)
+    counts, idx, keep = _random_layout(B, H, mq, mk, 0.4, seed=S + Skv, shuffle=shuffle)
+    scale = 128 ** -0.5
+    o, lse = hopper_fwd.hopper_block_sparse_fwd(q, k, v, counts.cuda(), idx.cuda(), scale)
+    ref_o, ref_lse = _dense_reference(q, k, v, keep.cuda(), scale)
+    assert o.stride() == q.stride()
+    assert torch.isfinite(o).all()
+    err = (o.float() - ref_o).pow(2).mean().sqrt() / ref_o.pow(2).mean().sqrt()
+    assert err < 1e-2
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse[finite] - ref_lse[finite]).abs().max() < 2e-2
+    assert (o[:, :, :128] == 0).all()  # query block 0 keeps nothing
+
+
+@pytest.mark.skipif(not (ON_HOPPER and hopper_fwd.HAVE_GLUON), reason="needs a Hopper GPU")
+def test_public_api_uses_it_and_backward_agrees():
+    B, H, S = 1, 2, 900
+    q, k, v = (t.requires_grad_() for t in _qkv(B, H, S, S, device="cuda", bshd=True))
+    keep = torch.rand(B, H, 8, 8, generator=torch.Generator().manual_seed(3)) < 0.5
+    keep |= torch.eye(8, dtype=torch.bool)
+    layout = BlockLayout.from_block_mask_tensor(keep.cuda(), S, S, 128, 128)
+    assert hopper_fwd.hopper_fwd_supported(q, k, v, 128, 128)
+    o = block_sparse_attention(q, k, v, layout)
+    ref = block_sparse_attention_reference(q.float(), k.float(), v.float(), layout)
+    assert (o.float() - ref).abs().max() < 3e-2
+    g = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g.float())
+    for got, want in zip(grads, ref_grads):
+        err = (got.float() - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()
+        assert err < 2e-2
