@@ -36,6 +36,7 @@ import triton.language as tl
 from ._common import (
     LOG2E, broadcast_strides, ensure_tma_allocator, interpreting, new_output, padded_head_dim, tma_eligible,
 )
+from ..sparse_linear.triton_common import row_tile
 
 __all__ = ["block_sparse_bwd", "DkdvConfig", "DqConfig", "DKDV_TUNE_SPACE", "DQ_TUNE_SPACE"]
 
@@ -127,12 +128,7 @@ def _bwd_preprocess(
     H, q_len,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    _, pid_bh, b, h, offs_m, offs_d = row_tile(H, BLOCK, HEAD_DIM_PAD)
     mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :], mask=mask, other=0.0)

@@ -35,7 +35,7 @@ from dit_sparse.block_layout import cdiv
 from ..block_sparse._common import padded_head_dim
 from ..block_sparse.layout_ops import cached_transpose
 from ..block_sparse.triton_bwd import block_sparse_bwd
-from .triton_common import linear_state, phi_bwd, phi_fwd
+from .triton_common import linear_state, phi_bwd, phi_fwd, row_tile
 from .triton_fwd import linear_states, state_dtype
 from .triton_state import block_states, complement_states
 
@@ -101,12 +101,7 @@ def _sla_lin_dkdv_kernel(
 ):
     """Linear-branch dk / dv of one key block from its dH_j / dz_j (zero when every query block lists
     it), added to DK / DV."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    pid_n, bh, b, h, offs_n, offs_d = row_tile(H, BLOCK_N, HEAD_DIM_PAD)
     n_ok = offs_n < Sk
     d_ok = offs_d < HEAD_DIM
     valid = n_ok[:, None] & d_ok[None, :]

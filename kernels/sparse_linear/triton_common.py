@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "interpret_mode", "pick_configs", "prune_tiles", "phi_fwd", "phi_bwd", "linear_state",
+    "interpret_mode", "pick_configs", "prune_tiles", "row_tile", "phi_fwd", "phi_bwd", "linear_state",
     "linear_rows",
 ]
 
@@ -39,6 +39,18 @@ def prune_tiles(configs, named_args, **kwargs):
         if all(lim is None or c.kwargs.get(name, 0) <= lim for name, lim in limits.items())
     ]
     return keep or configs[-1:]
+
+
+@triton.jit
+def row_tile(H, BLOCK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """Where a program of a ``(row blocks, B * H)`` grid works: ``(pid_r, pid_bh, b, h, offs_r, offs_d)`` -
+    its row block and (batch x head) ids, batch and head as int64, its ``BLOCK`` row offsets and the
+    ``HEAD_DIM_PAD`` column offsets."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    return pid_r, pid_bh, b, h, pid_r * BLOCK + tl.arange(0, BLOCK), tl.arange(0, HEAD_DIM_PAD)
 
 
 @triton.jit

@@ -45,7 +45,7 @@ from dit_sparse.block_layout import cdiv
 from ..block_sparse._common import padded_head_dim
 from ..block_sparse.hopper_fwd import hopper_block_sparse_fwd, hopper_fwd_supported
 from ..block_sparse.triton_fwd import LinearBranch, block_sparse_fwd
-from .triton_common import interpret_mode, linear_rows
+from .triton_common import interpret_mode, linear_rows, row_tile
 from .triton_state import block_states, complement_states
 
 __all__ = ["sla_forward", "state_dtype", "linear_states", "linear_output"]
@@ -75,12 +75,7 @@ def _linear_output_kernel(
     Q, OL, LIN_R, LIN_Z, stride_qb, stride_qh, stride_qs, H, q_len, eps,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, FEATURE_MAP: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    pid_m, pid_bh, b, h, offs_m, offs_d = row_tile(H, BLOCK_M, HEAD_DIM_PAD)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
     q = tl.load(q_ptrs, mask=(offs_m < q_len)[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     linear_rows(q, OL, LIN_R, LIN_Z, pid_bh, pid_m, q_len, eps, offs_m, offs_d, HEAD_DIM, BLOCK_M, FEATURE_MAP)
