@@ -61,7 +61,9 @@ from dit_sparse.cli.errors import FAILURE, CLIError, exit_code
 from dit_sparse.cli.options import positive_int
 from dit_sparse.cli.outputs import OutputSet, write_json
 from dit_sparse.cli.report import clean_for_json
-from dit_sparse.cli.run import DTYPES, GenerationSettings, check_video_size, load, resolve_preset, versions
+from dit_sparse.cli.run import (
+    DTYPES, GenerationSettings, check_video_size, derive_config, load, resolve_preset, versions,
+)
 from dit_sparse.config import SparseAttentionConfig
 from dit_sparse.data import HELD_OUT_SPEC_SEED, held_out_specs, render_videos, video_to_model_input
 from dit_sparse.data.judge import ATTRIBUTES, accuracy, chance_accuracy, degrade_video, judge_video
@@ -351,15 +353,7 @@ def config_entry(text: str) -> tuple[str, SparseAttentionConfig]:
     if not isinstance(data, dict):
         raise CLIError(f"--config {label}: {path} must hold a JSON object of SparseAttentionConfig fields")
     base = data.pop("preset", None)
-    try:
-        if base is None:
-            config = SparseAttentionConfig.from_dict(data)
-        else:
-            config = SparseAttentionConfig.from_dict({**resolve_preset(str(base)).to_dict(), "preset_name": None,
-                                                      **data})
-    except (TypeError, ValueError) as e:
-        raise CLIError(f"--config {label}: {' '.join(str(e).split())}") from e
-    return label, config
+    return label, derive_config(None if base is None else str(base), data, f"--config {label}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"videos per pipeline call (default {GPU_BATCH} on CUDA, {CPU_BATCH} on CPU)")
-    p.add_argument("--presets", default=REFERENCE, help=f"comma-separated speed presets (default {REFERENCE})")
+    p.add_argument("--presets", default=REFERENCE,
+                   help=f"comma-separated speed presets (default {REFERENCE}; may be empty with --config)")
     p.add_argument("--config", action="append", default=[], metavar="LABEL=FILE.json",
                    help="also judge a config of your own, as row LABEL: a JSON file of SparseAttentionConfig "
                         "fields, optionally with \"preset\": NAME as the base they override (repeatable)")
@@ -413,8 +408,8 @@ def _run(args) -> int:
     if min(args.height, args.width) < 16 or args.frames < 2:
         raise CLIError("the judge needs >= 2 frames of >= 16x16 pixels; raise --frames / --height / --width")
     presets = [n for n in dict.fromkeys(x.strip() for x in args.presets.split(",")) if n]
-    if not presets:
-        raise CLIError("--presets is empty; give e.g. --presets dense,fast")
+    if not presets and not args.config:
+        raise CLIError("--presets is empty and no --config is given; give e.g. --presets dense,fast")
     configs = [(name, resolve_preset(name)) for name in presets] + [config_entry(e) for e in args.config]
     labels = [label for label, _ in configs]
     clash = sorted({x for x in labels if labels.count(x) > 1 or x in (RENDERS, VAE_ROUND_TRIP, "chance")})

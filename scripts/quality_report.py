@@ -55,7 +55,7 @@ from dit_sparse.cli.errors import CLIError, exit_code
 from dit_sparse.cli.options import add_generation_options, settings_from_args
 from dit_sparse.cli.outputs import OutputSet, write_json
 from dit_sparse.cli.report import clean_for_json
-from dit_sparse.cli.run import check_video_size, generate, load, preset_names, resolve_preset, versions
+from dit_sparse.cli.run import check_video_size, generate, load, parse_variant, preset_names, resolve_preset, versions
 from dit_sparse.metrics_video import psnr, ssim
 
 TARGETS_DB = {"quality": 30.0, "fast": 25.0}  # PSNR vs dense on the default model
@@ -184,28 +184,6 @@ def _record(name, prompt, seed, result, dense, meter: RecallMeter | None = None)
         "recall_calls": len(meter.values) if meter is not None else 0,
         "stats": result.stats,
     }
-
-
-def parse_variant(spec: str):
-    """``PRESET:FIELD=VALUE[:FIELD=VALUE...]`` (values in JSON; bare words as strings) -> the config."""
-    preset, *fields = spec.split(":")
-    if not fields:
-        raise CLIError(f"--variant {spec!r}: expected PRESET:FIELD=VALUE[:FIELD=VALUE...]")
-    base = resolve_preset(preset.strip())
-    changes = {}
-    for item in fields:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise CLIError(f"--variant {spec!r}: {item!r} is not FIELD=VALUE")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        changes[key.strip()] = tuple(value) if isinstance(value, list) else value
-    try:
-        return dataclasses.replace(base, **changes)
-    except (TypeError, ValueError) as e:
-        raise CLIError(f"--variant {spec!r}: {' '.join(str(e).split())}") from e
 
 
 def _number(v) -> float | None:

@@ -499,3 +499,26 @@ def test_cli_defaults_match_the_default_model():
         dm.DEFAULT_FRAMES, dm.DEFAULT_HEIGHT, dm.DEFAULT_WIDTH, dm.DEFAULT_FPS, dm.DEFAULT_GUIDANCE_SCALE
     )
     assert s.steps <= dm.DEFAULT_NUM_INFERENCE_STEPS and s.model == "default"
+
+
+def test_parse_variant_changes_fields_of_a_preset():
+    cfg = cli_run.parse_variant("fast:dense_steps=0.3:window=[5,5,5]:reuse_scope=block")
+    fast = cli_run.resolve_preset("fast")
+    assert cfg.dense_steps == 0.3 and tuple(cfg.window) == (5, 5, 5) and cfg.preset_name is None
+    assert cfg.reuse_every == fast.reuse_every and cfg.reuse_scope == fast.reuse_scope == "block"
+    # the JSON-file form of the scripts takes the same path
+    same = cli_run.derive_config("fast", {"dense_steps": 0.3, "window": [5, 5, 5]}, "--config x")
+    assert same.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fast", "expected PRESET:FIELD=VALUE"),
+    ("fast:dense_steps", "'dense_steps' is not FIELD=VALUE"),
+    ("warp:dense_steps=0.1", "unknown preset 'warp'"),
+    ("fast:windw=[3,3,3]", "windw"),
+    ("fast:dense_steps=2.5", "dense_steps"),
+])
+def test_parse_variant_rejects_bad_specs(spec, message):
+    with pytest.raises(CLIError, match=message) as err:
+        cli_run.parse_variant(spec)
+    assert str(err.value).startswith(f"--variant {spec!r}")

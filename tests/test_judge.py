@@ -331,3 +331,16 @@ def test_script_refuses_a_bad_config_before_loading_a_model(tmp_path, capsys, mo
     assert pf.main(["--presets", "dense", "--config", entry, "--out-dir", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_script_needs_a_preset_or_a_config(tmp_path, capsys, monkeypatch):
+    pf = _load_script()
+    monkeypatch.setattr(pf, "load", lambda settings: pytest.fail("loaded a model"))
+    assert pf.main(["--presets", "", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "--presets is empty and no --config is given" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    # configs alone are a run of their own (they are checked before a model loads, so a bad one shows it)
+    bad = tmp_path / "c.json"
+    bad.write_text('{"windw": [3, 3, 3]}')
+    assert pf.main(["--presets", "", "--config", f"x={bad}", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "windw" in capsys.readouterr().err

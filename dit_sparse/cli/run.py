@@ -21,6 +21,7 @@ from .errors import FAILURE, CLIError
 
 __all__ = [
     "GenerationSettings", "GenerationResult", "load", "check_video_size", "preset_names", "resolve_preset",
+    "derive_config", "parse_variant",
     "generate", "versions",
 ]
 
@@ -97,6 +98,42 @@ def resolve_preset(name: str):
     from dit_sparse.config import SparseAttentionConfig
 
     return SparseAttentionConfig.preset(name)
+
+
+def derive_config(base: str | None, changes: dict, what: str):
+    """A :class:`SparseAttentionConfig`: preset ``base`` (the config defaults when ``None``) with ``changes``
+    (field -> value; lists are taken as tuples). CLIError prefixed with ``what`` for an unknown preset, an
+    unknown field or a bad value - the one path both ``--variant`` and ``--config`` of the scripts take."""
+    from dit_sparse.config import SparseAttentionConfig
+
+    try:
+        if base is None:
+            return SparseAttentionConfig.from_dict(changes)
+        return SparseAttentionConfig.from_dict({**resolve_preset(str(base)).to_dict(), "preset_name": None,
+                                                **changes})
+    except CLIError as e:
+        raise CLIError(f"{what}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"{what}: {' '.join(str(e).split())}") from e
+
+
+def parse_variant(spec: str, option: str = "--variant"):
+    """``PRESET:FIELD=VALUE[:FIELD=VALUE...]`` (values in JSON, bare words as strings) -> the config."""
+    import json
+
+    preset, *fields = spec.split(":")
+    if not fields:
+        raise CLIError(f"{option} {spec!r}: expected PRESET:FIELD=VALUE[:FIELD=VALUE...]")
+    changes = {}
+    for item in fields:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"{option} {spec!r}: {item!r} is not FIELD=VALUE")
+        try:
+            changes[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            changes[key.strip()] = raw
+    return derive_config(preset.strip(), changes, f"{option} {spec!r}")
 
 
 # ---------------------------------------------------------------------------------------------- loading
