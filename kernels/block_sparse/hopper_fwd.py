@@ -29,7 +29,9 @@ Measured on an H200 (bf16, Wan-480p B1 H12 S=32760 D128, random 128-blocks, 2026
 dense in the same run; effective rate = cuDNN time x density / time): 0.96 / 0.97 / 1.04 at 5 / 10 / 25%
 with 3 stages, against 0.69 / 0.76 / 0.80 for the Triton kernel; at 100% 2 stages reach 1.06 (3 stages
 0.95, the Triton kernel 0.90) - so a layout known to be dense (``full_rows_hint``) runs 2 stages. A
-single 8-warp consumer ("ws1") reached only 0.77 / 0.82 / 0.84 / 0.86 and was dropped.
+single 8-warp consumer ("ws1") reached only 0.77 / 0.82 / 0.84 / 0.86 and was dropped. Through the public
+API in ``scripts/bench_kernels.py`` (its layouts, Wan-480p and Hunyuan-720p, 5 to 100%): 0.88-1.07
+(``benchmarks/kernels.md``).
 """
 
 from __future__ import annotations
