@@ -112,7 +112,7 @@ def derive_config(base: str | None, changes: dict, what: str):
         return SparseAttentionConfig.from_dict({**resolve_preset(str(base)).to_dict(), "preset_name": None,
                                                 **changes})
     except CLIError as e:
-        raise CLIError(f"{what}: {e}") from e
+        raise CLIError(f"{what}: {e.message}", e.code) from e
     except (TypeError, ValueError) as e:
         raise CLIError(f"{what}: {' '.join(str(e).split())}") from e
 

@@ -58,13 +58,16 @@ def tma_eligible(*tensors: torch.Tensor) -> bool:
             return False
     elif not interpreting():
         return False
-    for t in tensors:
-        item = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16:
-            return False
-        if any((stride * item) % 16 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1):
-            return False
-    return True
+    return all(tma_addressable(t) for t in tensors)
+
+
+def tma_addressable(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can address ``t`` in place: last dim contiguous, 16-byte aligned base and
+    16-byte aligned strides (dims of size 1 are never stepped over, so their strides do not count)."""
+    item = t.element_size()
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all((stride * item) % 16 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
 
 
 def _torch_scratch(size: int, alignment: int, stream):

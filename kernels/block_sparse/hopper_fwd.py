@@ -40,7 +40,7 @@ import os
 
 import torch
 
-from ._common import LOG2E, broadcast_strides, interpreting, new_output
+from ._common import LOG2E, broadcast_strides, interpreting, new_output, tma_addressable
 
 __all__ = ["hopper_fwd_supported", "hopper_block_sparse_fwd", "kernel_launch"]
 
@@ -88,14 +88,7 @@ def hopper_fwd_supported(q, k, v, block_q: int, block_kv: int, capability=None) 
         return False
     if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
         return False
-    return all(_tma_addressable(t) for t in (q, k, v))
-
-
-def _tma_addressable(t: torch.Tensor) -> bool:
-    item = t.element_size()
-    if t.stride(-1) != 1 or t.data_ptr() % 16:
-        return False
-    return all((stride * item) % 16 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
+    return all(tma_addressable(t) for t in (q, k, v))
 
 
 if HAVE_GLUON:

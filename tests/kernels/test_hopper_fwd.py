@@ -103,17 +103,6 @@ def _random_layout(B, H, mq, mk, density, seed, shuffle):
     return counts, idx, keep
 
 
-def _dense_reference(q, k, v, keep, scale):
-    """fp32 softmax over the kept 128-blocks, built from the boolean block mask alone."""
-    S, Skv = q.shape[2], k.shape[2]
-    mask = keep.repeat_interleave(128, -2)[..., :S, :].repeat_interleave(128, -1)[..., :Skv]
-    logits = (q.float() @ k.float().transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(logits, -1)
-    p = torch.exp(logits - lse.unsqueeze(-1).clamp(min=-1e30)).nan_to_num(0.0)
-    return p @ v.float(), lse
-
-
 @pytest.mark.skipif(not (ON_HOPPER and hopper_fwd.HAVE_GLUON), reason="needs a Hopper GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("S, Skv, bshd, shuffle", [(1000, 1000, True, True), (1024, 700, False, False),
@@ -125,7 +114,9 @@ def test_matches_reference_on_hopper(dtype, S, Skv, bshd, shuffle):
     counts, idx, keep = _random_layout(B, H, mq, mk, 0.4, seed=S + Skv, shuffle=shuffle)
     scale = 128 ** -0.5
     o, lse = hopper_fwd.hopper_block_sparse_fwd(q, k, v, counts.cuda(), idx.cuda(), scale)
-    ref_o, ref_lse = _dense_reference(q, k, v, keep.cuda(), scale)
+    # the project's dense reference, from the boolean block mask (not from the shuffled index lists)
+    ref_o, ref_lse = block_sparse_attention_reference(
+        q, k, v, BlockLayout.from_block_mask_tensor(keep.cuda(), S, Skv), scale, return_lse=True)
     assert o.stride() == q.stride()
     assert torch.isfinite(o).all()
     err = (o.float() - ref_o).pow(2).mean().sqrt() / ref_o.pow(2).mean().sqrt()
