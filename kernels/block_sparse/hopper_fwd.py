@@ -36,67 +36,38 @@ API in ``scripts/bench_kernels.py`` (its layouts, Wan-480p and Hunyuan-720p, 5 t
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ._common import LOG2E, broadcast_strides, interpreting, new_output, tma_addressable
+from ._common import LOG2E, broadcast_strides, new_output
+from ._hopper_common import (
+    BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, hopper_supported,
+    tma_descriptor,
+)
 
 __all__ = ["hopper_fwd_supported", "hopper_block_sparse_fwd", "kernel_launch"]
 
-BLOCK = 128
-HEAD_DIM = 128
 NUM_CONSUMERS = 2
-CONSUMER_WARPS = 4
-PRODUCER_REGS = 24
-CONSUMER_REGS = 240
-# 12 warps x 32 threads x 168 registers = 64K: setmaxnreg then moves them to the consumers (240 + 240 + 24).
-MAXNREG = 168
 STAGES_SPARSE = 3
 STAGES_DENSE = 2
 
-try:  # Gluon ships with triton >= 3.5; without it every call takes the Triton kernel.
+if HAVE_GLUON:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    HAVE_GLUON = True
-except ImportError:  # pragma: no cover - depends on the installed triton
-    HAVE_GLUON = False
+    from ._hopper_common import as_2d as _as_2d, release as _release
 
 
 def hopper_fwd_supported(q, k, v, block_q: int, block_kv: int, capability=None) -> bool:
-    """Whether :func:`hopper_block_sparse_fwd` can run these inputs (else the Triton kernel does).
-
-    Needs Gluon, a CUDA device of compute capability 9.x (``capability`` overrides the query, for tests),
-    fp16 / bf16, head dim 128, 128x128 blocks, non-empty sequences, and tensors TMA can address in place:
-    16-byte aligned bases and strides, last dim contiguous. ``DIT_SPARSE_HOPPER_FWD=0`` turns it off.
-    """
-    if not HAVE_GLUON or interpreting() or os.environ.get("DIT_SPARSE_HOPPER_FWD", "1") == "0":
-        return False
-    if capability is None:
-        if q.device.type != "cuda":
-            return False
-        capability = torch.cuda.get_device_capability(q.device)
-    if capability[0] != 9 or block_q != BLOCK or block_kv != BLOCK:
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] != HEAD_DIM:
-        return False
-    if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
-        return False
-    return all(tma_addressable(t) for t in (q, k, v))
+    """Whether :func:`hopper_block_sparse_fwd` can run these inputs (else the Triton kernel does): see
+    :func:`._hopper_common.hopper_supported`. ``DIT_SPARSE_HOPPER_FWD=0`` turns it off."""
+    return hopper_supported((q, k, v), block_q, block_kv, "DIT_SPARSE_HOPPER_FWD", capability)
 
 
 if HAVE_GLUON:
-
-    @gluon.jit
-    def _as_2d(buf, ROWS: gl.constexpr, COLS: gl.constexpr):
-        """A ``[1, 1, ROWS, COLS]`` shared tile (4-D TMA block) as the ``[ROWS, COLS]`` matrix wgmma reads."""
-        return buf.reshape([ROWS, COLS])
 
     @gluon.jit
     def _softmax_update(s, m_i, l_i, kv_lim, qk_scale, MASK: gl.constexpr, s_layout: gl.constexpr,
@@ -120,13 +91,6 @@ if HAVE_GLUON:
         else:
             lim = kv_len - gl.load(idx_ptr + j) * BLOCK_N
         return lim
-
-    @gluon.jit
-    def _release(bar):
-        """Consumer -> producer "buffer free". The arrive is issued by one thread of the partition, so every
-        warp of the partition must be past its wgmma wait first."""
-        gl.thread_barrier()
-        mbarrier.arrive(bar, count=1)
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
@@ -303,17 +267,6 @@ if HAVE_GLUON:
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # 4 warps = CONSUMER_WARPS, the launch's num_warps
 
 
-def _descriptor(t: torch.Tensor, rows: int):
-    """4-D TMA descriptor over ``t`` (``[B, H, S, D]``, any TMA-addressable strides), block ``[1, 1, rows, D]``.
-    A size-1 dim's stride is never stepped over; it is replaced by an aligned one (TMA checks every stride)."""
-    block = [1, 1, rows, t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
-    filler = 16 // t.element_size()
-    strides = [s if n > 1 else filler for n, s in zip(t.shape, t.stride())]
-    strides[-1] = 1
-    return TensorDescriptor(t, list(t.shape), strides, block, layout)
-
-
 def kernel_launch(q, k, v, o, lse, kv_counts, kv_indices, scale: float, num_stages: int):
     """``(grid, args, kwargs)`` of one launch of the Gluon kernel; shared by the launcher and the sm_90
     compile test (which compiles it on a machine without a GPU)."""
@@ -321,8 +274,8 @@ def kernel_launch(q, k, v, o, lse, kv_counts, kv_indices, scale: float, num_stag
     Skv = k.shape[2]
     cs = broadcast_strides(kv_counts)
     is_ = broadcast_strides(kv_indices)
-    args = (_descriptor(q, BLOCK), _descriptor(k, BLOCK), _descriptor(v, BLOCK),
-            _descriptor(o, BLOCK // NUM_CONSUMERS), lse, kv_counts, kv_indices, H, Sq, Skv, float(scale) * LOG2E,
+    args = (tma_descriptor(q, BLOCK), tma_descriptor(k, BLOCK), tma_descriptor(v, BLOCK),
+            tma_descriptor(o, BLOCK // NUM_CONSUMERS), lse, kv_counts, kv_indices, H, Sq, Skv, float(scale) * LOG2E,
             cs[0], cs[1], cs[2], is_[0], is_[1], is_[2])
     kwargs = dict(NUM_STAGES=num_stages, EVEN_KV=Skv % BLOCK == 0, PRODUCER_REGS=PRODUCER_REGS,
                   CONSUMER_REGS=CONSUMER_REGS, num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)

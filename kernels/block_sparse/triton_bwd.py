@@ -10,6 +10,11 @@ configs - gives the same result:
   layout (``q_counts [B, H, Mk]``, ``q_indices [B, H, Mk, Mq]``), accumulating dK and dV in fp32 registers.
 * ``_bwd_dq``: one program per ``BLOCK_M2`` queries, looping over the forward layout, accumulating dQ.
 
+On Hopper, for the inputs they take (fp16 / bf16, head dim 128, 128x128 blocks), the launcher runs the
+warp-specialised Gluon kernels of ``hopper_dkdv.py`` and ``hopper_dq.py`` in place of ``_bwd_dkdv`` and
+``_bwd_dq`` (the Gluon dK/dV: the same results, 1.4x faster at 5% density and 1.6x dense on an H200); the
+preprocess stays this one.
+
 The autotuned kernels declare no ``reset_to_zero`` / ``restore_value`` hooks: such a hook runs on the
 real arguments, and round 2's ``reset_to_zero=["DQ_ACC"]`` zeroed ``delta`` (passed as that argument when
 dQ had its own kernel) after timing, giving wrong dQ / dK on the first call of each autotuner key.
@@ -37,6 +42,8 @@ from ._common import (
     LOG2E, broadcast_strides, ensure_tma_allocator, interpreting, new_output, padded_head_dim, tma_eligible,
 )
 from ..sparse_linear.triton_common import row_tile
+from .hopper_dkdv import hopper_dkdv, hopper_dkdv_supported
+from .hopper_dq import hopper_dq, hopper_dq_supported
 
 __all__ = ["block_sparse_bwd", "DkdvConfig", "DqConfig", "DKDV_TUNE_SPACE", "DQ_TUNE_SPACE"]
 
@@ -411,16 +418,16 @@ def block_sparse_bwd(
         q_counts / q_indices: the transposed layout ``[B|1, H|1, Mk]`` / ``[B|1, H|1, Mk, Mq]``.
         dkdv_config: a :class:`DkdvConfig` or tuple ``(BLOCK_N1, BLOCK_M1, num_warps, num_stages[, tma])``;
         dq_config: a :class:`DqConfig` or tuple ``(BLOCK_M2, BLOCK_N2, num_warps, num_stages[, tma])`` -
-        bypass the autotuners (benchmark sweeps, tests).
+        bypass the autotuners (benchmark sweeps, tests); a given ``dkdv_config`` / ``dq_config`` also runs the
+        Triton kernel where the Hopper one would apply.
 
     Returns:
         ``dq``, ``dk``, ``dv`` shaped (and, where dense, strided) like q, k, v.
     """
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
-    dq, dk, dv = new_output(q), new_output(k), new_output(v)
     if B * H == 0 or (Sq == 0 and Skv == 0):
-        return dq, dk, dv
+        return new_output(q), new_output(k), new_output(v)
     d_pad = padded_head_dim(D)
     delta = new_output(q, (B, H, Sq), torch.float32)
     if Sq:
@@ -433,7 +440,12 @@ def block_sparse_bwd(
     qk_scale = scale * LOG2E
     common = dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_Q=block_q, BLOCK_KV=block_kv)
 
-    if Skv:
+    hopper_dkdv_ok = dkdv_config is None and hopper_dkdv_supported(q, k, v, do, block_q, block_kv)
+    if hopper_dkdv_ok:
+        dk, dv = hopper_dkdv(q, k, v, do, lse, delta, q_counts, q_indices, scale)
+    else:
+        dk, dv = new_output(k), new_output(v)
+    if Skv and not hopper_dkdv_ok:
         dkdv_tma_ok = Sq > 0 and tma_eligible(q, do)
         if dkdv_tma_ok:
             ensure_tma_allocator(q.device)
@@ -464,7 +476,12 @@ def block_sparse_bwd(
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
 
-    if Sq:
+    hopper_dq_ok = dq_config is None and hopper_dq_supported(q, k, v, do, block_q, block_kv)
+    if hopper_dq_ok:
+        dq = hopper_dq(q, k, v, do, lse, delta, kv_counts, kv_indices, scale)
+    else:
+        dq = new_output(q)
+    if Sq and not hopper_dq_ok:
         dq_tma_ok = Skv > 0 and tma_eligible(k, v)
         if dq_tma_ok:
             ensure_tma_allocator(q.device)

@@ -1,10 +1,11 @@
-"""Compile the Hopper forward kernel for sm_90 on a machine without a GPU and print what ptxas made of it.
+"""Compile a Hopper Gluon kernel for sm_90 on a machine without a GPU and print what ptxas made of it.
 
-    python _hopper_sm90_compile.py NUM_STAGES KV_LEN BSHD(0|1) DTYPE(bfloat16|float16)
+    python _hopper_sm90_compile.py KERNEL(fwd|dkdv|dq) NUM_STAGES KV_LEN BSHD(0|1) DTYPE(bfloat16|float16)
 
-Builds the launcher's own arguments (``hopper_fwd.kernel_launch``) on CPU tensors - B=2, H=3, Sq=300, a
-batch-broadcast layout, q / k / v in ``[B, H, S, D]`` or as a ``[B, S, H, D]`` buffer's view - specialises
-them as the JIT would, compiles through ``triton.compile`` and runs ``ptxas -v``. The last stdout line is
+Builds the launcher's own arguments (``kernel_launch`` of ``hopper_fwd`` / ``hopper_dkdv`` / ``hopper_dq``) on CPU
+tensors - B=2, H=3, Sq=300, a batch-broadcast layout, q / k / v / do in ``[B, H, S, D]`` or as a
+``[B, S, H, D]`` buffer's view - specialises them as the JIT would, compiles through ``triton.compile`` and
+runs ``ptxas -v``. The last stdout line is
 JSON: shared memory bytes, wgmma instruction count, setmaxnreg use, spill bytes. Needs TRITON_INTERPRET
 unset (the test that calls it runs it in a process of its own for that reason).
 """
@@ -25,18 +26,31 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend, get_ptxas
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from dit_sparse.kernels.block_sparse import hopper_fwd
+from dit_sparse.kernels.block_sparse import hopper_dkdv, hopper_dq, hopper_fwd
 
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_sm90(q, k, v, counts, idx, num_stages):
-    """The kernel compiled for sm_90 with the launcher's arguments, specialised as the JIT would."""
+def launch_of(kernel, q, k, v, counts, idx, num_stages):
+    """The Gluon kernel and the ``(grid, args, kwargs)`` its launcher builds for these CPU tensors."""
     B, H, S, _ = q.shape
-    o = torch.empty_like(q)
     lse = torch.empty(B, H, S)
-    _, args, kwargs = hopper_fwd.kernel_launch(q, k, v, o, lse, counts, idx, 0.088, num_stages)
-    fn = hopper_fwd._hopper_fwd_kernel
+    if kernel == "fwd":
+        launch = hopper_fwd.kernel_launch(q, k, v, torch.empty_like(q), lse, counts, idx, 0.088, num_stages)
+        return hopper_fwd._hopper_fwd_kernel, launch
+    delta = torch.empty(B, H, S)
+    if kernel == "dq":
+        launch = hopper_dq.kernel_launch(q, k, v, torch.empty_like(q), lse, delta, torch.empty_like(q), counts, idx,
+                                         0.088, num_stages)
+        return hopper_dq._hopper_dq_kernel, launch
+    launch = hopper_dkdv.kernel_launch(q, k, v, torch.empty_like(q), lse, delta, torch.empty_like(k),
+                                       torch.empty_like(v), counts, idx, 0.088, num_stages)
+    return hopper_dkdv._hopper_dkdv_kernel, launch
+
+
+def compile_sm90(fn, launch, num_stages):
+    """``fn`` compiled for sm_90 with the launcher's arguments, specialised as the JIT would."""
+    _, args, kwargs = launch
     const_names = [p.name for p in fn.params if p.is_constexpr]
     backend = CUDABackend(TARGET)
     signature, attrs, constants = {}, {}, {}
@@ -70,7 +84,7 @@ def ptxas_spill_bytes(ptx: str) -> int:
     return sum(int(a) + int(b) for a, b in spills)
 
 
-def main(num_stages: int, kv_len: int, bshd: bool, dtype: torch.dtype) -> dict:
+def main(kernel: str, num_stages: int, kv_len: int, bshd: bool, dtype: torch.dtype) -> dict:
     B, H, S, D = 2, 3, 300, 128
 
     def make(n):
@@ -80,15 +94,17 @@ def main(num_stages: int, kv_len: int, bshd: bool, dtype: torch.dtype) -> dict:
 
     q, k, v = make(S), make(kv_len), make(kv_len)
     mq, mk = triton.cdiv(S, 128), triton.cdiv(kv_len, 128)
-    counts = torch.zeros(1, H, mq, dtype=torch.int32)
-    idx = torch.zeros(1, H, mq, mk, dtype=torch.int32)
-    kernel = compile_sm90(q, k, v, counts, idx, num_stages)
-    ptx = kernel.asm["ptx"]
-    return dict(shared=kernel.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+    rows, cols = (mk, mq) if kernel == "dkdv" else (mq, mk)  # dK/dV walks the transposed layout
+    counts = torch.zeros(1, H, rows, dtype=torch.int32)
+    idx = torch.zeros(1, H, rows, cols, dtype=torch.int32)
+    fn, launch = launch_of(kernel, q, k, v, counts, idx, num_stages)
+    compiled = compile_sm90(fn, launch, num_stages)
+    ptx = compiled.asm["ptx"]
+    return dict(shared=compiled.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
                 setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))),
                 spill_bytes=ptxas_spill_bytes(ptx))
 
 
 if __name__ == "__main__":
-    stages, kv, layout, dt = sys.argv[1:5]
-    print(json.dumps(main(int(stages), int(kv), layout == "1", getattr(torch, dt))))
+    kernel, stages, kv, layout, dt = sys.argv[1:6]
+    print(json.dumps(main(kernel, int(stages), int(kv), layout == "1", getattr(torch, dt))))

@@ -9,12 +9,6 @@ reference, and through the public API (which picks it) with gradients from the T
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -22,28 +16,8 @@ from dit_sparse.block_layout import BlockLayout
 from dit_sparse.kernels.block_sparse import block_sparse_attention, block_sparse_attention_reference
 from dit_sparse.kernels.block_sparse import hopper_fwd
 
-ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-SMEM_LIMIT = 232448  # bytes of shared memory one CTA may use on H100 / H200
-
-
-def _qkv(B, H, S, Skv, D=128, dtype=torch.bfloat16, device="cpu", bshd=False):
-    g = torch.Generator().manual_seed(0)
-
-    def make(n):
-        if bshd:  # a [B, S, H, D] buffer seen as [B, H, S, D], as the attention processors pass it
-            return torch.randn(B, n, H, D, generator=g).to(device, dtype).transpose(1, 2)
-        return torch.randn(B, H, n, D, generator=g).to(device, dtype)
-
-    return make(S), make(Skv), make(Skv)
-
-
-@pytest.fixture
-def no_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("DIT_SPARSE_HOPPER_FWD", raising=False)
-
-
-needs_gluon = pytest.mark.skipif(not hopper_fwd.HAVE_GLUON, reason="this triton has no Gluon")
+from _hopper_helpers import SMEM_LIMIT, compile_for_sm90, needs_gluon, needs_hopper
+from _hopper_helpers import qkv as _qkv, random_keep
 
 
 @needs_gluon
@@ -78,13 +52,7 @@ def test_supported_inputs(no_interpreter, monkeypatch):
     (hopper_fwd.STAGES_DENSE, 1024, False, torch.float16),
 ])
 def test_compiles_for_sm90_within_limits(num_stages, skv, bshd, dtype):
-    # In a process of its own: under TRITON_INTERPRET=1 (set by conftest on CPU) Gluon cannot compile.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(Path(__file__).with_name("_hopper_sm90_compile.py")), str(num_stages), str(skv),
-           str(int(bshd)), str(dtype).removeprefix("torch.")]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    info = json.loads(run.stdout.strip().splitlines()[-1])
+    info = compile_for_sm90("fwd", num_stages, skv, bshd, dtype)
     assert info["shared"] <= SMEM_LIMIT
     assert info["wgmma"] >= 4  # Q K^T and P V of both consumers
     assert info["setmaxnreg"]  # the producer hands its registers to the consumers
@@ -92,10 +60,8 @@ def test_compiles_for_sm90_within_limits(num_stages, skv, bshd, dtype):
 
 
 def _random_layout(B, H, mq, mk, density, seed, shuffle):
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.rand(B, H, mq, mk, generator=g) < density
-    keep[..., 0, :] = False  # a query block without key blocks
-    keep[..., 1, -1] = True  # the partial last key block
+    keep = random_keep(B, H, mq, mk, density, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     counts = keep.sum(-1).to(torch.int32)
     order = torch.rand(B, H, mq, mk, generator=g) if shuffle else torch.arange(mk).float().expand(B, H, mq, mk)
     order = torch.where(keep, order, order + 2 * mk)  # kept blocks first, in random or ascending order
@@ -103,7 +69,7 @@ def _random_layout(B, H, mq, mk, density, seed, shuffle):
     return counts, idx, keep
 
 
-@pytest.mark.skipif(not (ON_HOPPER and hopper_fwd.HAVE_GLUON), reason="needs a Hopper GPU")
+@needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("S, Skv, bshd, shuffle", [(1000, 1000, True, True), (1024, 700, False, False),
                                                    (300, 1280, True, False)])
@@ -127,7 +93,7 @@ def test_matches_reference_on_hopper(dtype, S, Skv, bshd, shuffle):
     assert (o[:, :, :128] == 0).all()  # query block 0 keeps nothing
 
 
-@pytest.mark.skipif(not (ON_HOPPER and hopper_fwd.HAVE_GLUON), reason="needs a Hopper GPU")
+@needs_hopper
 def test_public_api_uses_it_and_backward_agrees():
     B, H, S = 1, 2, 900
     q, k, v = (t.requires_grad_() for t in _qkv(B, H, S, S, device="cuda", bshd=True))

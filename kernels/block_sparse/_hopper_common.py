@@ -1,0 +1,85 @@
+"""What the warp-specialised Gluon kernels for Hopper (``hopper_fwd.py``, ``hopper_dkdv.py``) share: the
+Gluon imports (absent from older triton builds, in which case every call takes the Triton kernels), the
+launch geometry, which inputs they take, 4-D TMA descriptors and two small jit helpers.
+
+Geometry common to all of them: 128x128 layout blocks, head dim 128, 12 warps in three partitions - two
+4-warp consumer warpgroups and a 1-warp TMA producer. The launch gives every warp ``MAXNREG`` registers
+(12 x 32 x 168 = 64K, the register file) and ``setmaxnreg`` then moves them to 240 + 240 + 24.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._common import interpreting, tma_addressable
+
+__all__ = ["HAVE_GLUON", "BLOCK", "HEAD_DIM", "hopper_supported", "tma_descriptor"]
+
+BLOCK = 128
+HEAD_DIM = 128
+CONSUMER_WARPS = 4
+PRODUCER_REGS = 24
+CONSUMER_REGS = 240
+MAXNREG = 168
+
+try:  # Gluon ships with triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed triton
+    HAVE_GLUON = False
+
+
+def hopper_supported(tensors, block_q: int, block_kv: int, switch: str, capability=None) -> bool:
+    """Whether a Hopper kernel can run on ``tensors`` (the ``[B, H, S, D]`` inputs, q first, k second).
+
+    Needs Gluon, a CUDA device of compute capability 9.x (``capability`` overrides the query, for tests),
+    fp16 / bf16, head dim 128, 128x128 blocks, non-empty sequences, and tensors TMA can address in place
+    (16-byte aligned bases and strides, last dim contiguous). The environment variable ``switch`` set to
+    ``0`` turns the kernel off; so does the CPU interpreter.
+    """
+    if not HAVE_GLUON or interpreting() or os.environ.get(switch, "1") == "0":
+        return False
+    q, k = tensors[0], tensors[1]
+    if capability is None:
+        if q.device.type != "cuda":
+            return False
+        capability = torch.cuda.get_device_capability(q.device)
+    if capability[0] != 9 or block_q != BLOCK or block_kv != BLOCK:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] != HEAD_DIM:
+        return False
+    if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
+        return False
+    return all(t.dtype == q.dtype and tma_addressable(t) for t in tensors)
+
+
+def tma_descriptor(t: torch.Tensor, rows: int):
+    """4-D TMA descriptor over ``t`` (``[B, H, S, D]``, any TMA-addressable strides), block ``[1, 1, rows, D]``.
+    A size-1 dim's stride is never stepped over; it is replaced by an aligned one (TMA checks every stride)."""
+    block = [1, 1, rows, t.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
+    filler = 16 // t.element_size()
+    strides = [s if n > 1 else filler for n, s in zip(t.shape, t.stride())]
+    strides[-1] = 1
+    return TensorDescriptor(t, list(t.shape), strides, block, layout)
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def as_2d(buf, ROWS: gl.constexpr, COLS: gl.constexpr):
+        """A ``[1, 1, ROWS, COLS]`` shared tile (4-D TMA block) as the ``[ROWS, COLS]`` matrix wgmma reads."""
+        return buf.reshape([ROWS, COLS])
+
+    @gluon.jit
+    def release(bar):
+        """Consumer -> producer "buffer free". The arrive is issued by one thread of the partition, so every
+        warp of the partition must be past its wgmma wait first."""
+        gl.thread_barrier()
+        mbarrier.arrive(bar, count=1)

@@ -1,0 +1,194 @@
+"""The warp-specialised Hopper backward kernels: dK / dV (``kernels/block_sparse/hopper_dkdv.py``) and dQ
+(``hopper_dq.py``).
+
+Without a GPU: which inputs they take, that they compile for sm_90 through ptxas (shared memory within the
+H100/H200 limit, no register spills) for the launch arguments their launchers build, and that the backward
+launcher hands them exactly their jobs (delta, lse, the forward or transposed layout) when they apply. On a
+Hopper GPU: dK / dV / dQ against the dense fp32 reference's gradients (tails, an empty query block, a key
+block no query attends to, shuffled index lists, scores far below the log-sum-exp, ``[B, S, H, D]`` strides,
+batch-broadcast layouts, NaN-prefilled outputs), and the public API's gradients with them against those of
+the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dit_sparse.block_layout import BlockLayout
+from dit_sparse.kernels.block_sparse import block_sparse_attention, block_sparse_attention_reference
+from dit_sparse.kernels.block_sparse import _common, hopper_dkdv, hopper_dq, triton_bwd
+from dit_sparse.kernels.block_sparse.layout_ops import transpose_layout_tensors
+
+from _hopper_helpers import SMEM_LIMIT, compile_for_sm90, needs_gluon, needs_hopper
+from _hopper_helpers import qkv, random_keep
+
+
+@needs_gluon
+def test_supported_inputs(no_interpreter, monkeypatch):
+    q, k, v, do = qkv(1, 2, 300, 260, n=4)
+    ok = dict(block_q=128, block_kv=128, capability=(9, 0))
+    supported = hopper_dkdv.hopper_dkdv_supported
+    assert supported(q, k, v, do, **ok)
+    assert supported(*qkv(2, 3, 200, 200, bshd=True, n=4), **ok)
+    assert supported(*qkv(1, 2, 64, 64, dtype=torch.float16, n=4), **ok)
+    # everything below goes to the Triton dK / dV kernel
+    assert not supported(q, k, v, do, block_q=128, block_kv=128, capability=(8, 0))
+    assert not supported(q, k, v, do, block_q=64, block_kv=128, capability=(9, 0))
+    assert not supported(q, k, v, do, block_q=128, block_kv=64, capability=(9, 0))
+    assert not supported(*qkv(1, 2, 300, 260, D=64, n=4), **ok)
+    assert not supported(*qkv(1, 2, 300, 260, dtype=torch.float32, n=4), **ok)
+    assert not supported(*qkv(1, 2, 300, 0, n=4), **ok)
+    odd = torch.randn(1, 2, 300, 129, dtype=torch.bfloat16)[..., 1:]  # base and row stride not 16-byte aligned
+    assert not supported(q, k, v, odd, **ok)
+    assert not supported(q, k, v, do.half(), **ok)
+    assert not supported(q, k, v, do, block_q=128, block_kv=128)  # CPU tensors
+    assert hopper_dq.hopper_dq_supported(q, k, v, do, **ok)  # the dQ kernel takes the same inputs
+    assert not hopper_dq.hopper_dq_supported(q, k, v, odd, **ok)
+    monkeypatch.setenv("DIT_SPARSE_HOPPER_BWD", "0")
+    assert not supported(q, k, v, do, **ok)
+    assert not hopper_dq.hopper_dq_supported(q, k, v, do, **ok)
+    monkeypatch.setenv("DIT_SPARSE_HOPPER_BWD", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not supported(q, k, v, do, **ok)
+
+
+@needs_gluon
+@pytest.mark.parametrize("kernel, module, skv, bshd, dtype", [
+    ("dkdv", hopper_dkdv, 1000, True, torch.bfloat16),
+    ("dkdv", hopper_dkdv, 1024, False, torch.float16),
+    ("dq", hopper_dq, 1000, True, torch.bfloat16),
+    ("dq", hopper_dq, 1024, False, torch.float16),
+])
+def test_compiles_for_sm90_within_limits(kernel, module, skv, bshd, dtype):
+    info = compile_for_sm90(kernel, module.NUM_STAGES, skv, bshd, dtype)
+    assert info["shared"] <= SMEM_LIMIT
+    assert info["wgmma"] >= 6  # S, dP and the gradient MMAs of both consumers
+    assert info["setmaxnreg"]  # the producer hands its registers to the consumers
+    assert info["spill_bytes"] == 0
+
+
+def test_backward_launcher_hands_the_hopper_kernels_their_jobs(monkeypatch):
+    """On CPU (interpreter): with the Hopper kernels said to apply, ``block_sparse_bwd`` passes them the
+    preprocess's delta, the forward's lse and the transposed (dK/dV) or forward (dQ) layout, and returns
+    their outputs. A given ``dkdv_config`` / ``dq_config`` keeps the Triton kernel."""
+    if not _common.interpreting():
+        pytest.skip("checks the dispatch with the CPU interpreter")
+    B, H, S, D = 1, 2, 200, 64
+    q, k, v, do = qkv(B, H, S, S, D=D, dtype=torch.float16, n=4)
+    keep = random_keep(B, H, 2, 2, 0.6, seed=4)
+    layout = BlockLayout.from_block_mask_tensor(keep, S, S, 128, 128)
+    o, lse = block_sparse_attention_reference(q.float(), k.float(), v.float(), layout, return_lse=True)
+    o = o.half()
+    q_counts, q_indices = transpose_layout_tensors(layout.kv_counts, layout.kv_indices, 2)
+    calls = {"dkdv": [], "dq": []}
+
+    def fake_dkdv(*args):
+        calls["dkdv"].append(args)
+        return torch.full_like(k, 1.5), torch.full_like(v, -2.5)
+
+    def fake_dq(*args):
+        calls["dq"].append(args)
+        return torch.full_like(q, 0.5)
+
+    monkeypatch.setattr(triton_bwd, "hopper_dkdv_supported", lambda *a: True)
+    monkeypatch.setattr(triton_bwd, "hopper_dkdv", fake_dkdv)
+    monkeypatch.setattr(triton_bwd, "hopper_dq_supported", lambda *a: True)
+    monkeypatch.setattr(triton_bwd, "hopper_dq", fake_dq)
+    args = (do, None, q, k, v, o, lse, layout.kv_counts, layout.kv_indices, q_counts, q_indices, 0.125, 128, 128)
+    dq, dk, dv = triton_bwd.block_sparse_bwd(*args)
+    assert len(calls["dkdv"]) == len(calls["dq"]) == 1
+    (cq, ck, cv, cdo, clse, cdelta, cqc, cqi, cscale) = calls["dkdv"][0]
+    assert cq is q and ck is k and cv is v and cdo is do and clse is lse and cscale == 0.125
+    assert cqc is q_counts and cqi is q_indices
+    torch.testing.assert_close(cdelta, (do.float() * o.float()).sum(-1), rtol=2e-3, atol=2e-3)
+    (cq, ck, cv, cdo, clse, cdelta_q, ckc, cki, cscale) = calls["dq"][0]
+    assert cq is q and ck is k and cv is v and cdo is do and clse is lse and cscale == 0.125
+    assert ckc is layout.kv_counts and cki is layout.kv_indices and cdelta_q is cdelta
+    assert (dk == 1.5).all() and (dv == -2.5).all() and (dq == 0.5).all()
+    ref = triton_bwd.block_sparse_bwd(*args, dkdv_config=(128, 128, 4, 1), dq_config=(128, 128, 4, 1))
+    assert len(calls["dkdv"]) == len(calls["dq"]) == 1  # the explicit configs kept the Triton kernels
+    assert not (ref[0] == 0.5).all() and not (ref[1] == 1.5).all()
+
+
+def _reference_grads(q, k, v, do, layout, scale):
+    """Dense fp32 reference: o, lse, and dQ / dK / dV of <o, do>."""
+    qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    o, lse = block_sparse_attention_reference(qf, kf, vf, layout, scale, return_lse=True)
+    dq, dk, dv = torch.autograd.grad(o, (qf, kf, vf), do.float())
+    return o.detach(), lse.detach(), dq, dk, dv
+
+
+def _rel(got, want):
+    return ((got.float() - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()).item()
+
+
+def _nan_outputs(monkeypatch):
+    for module in (hopper_dkdv, hopper_dq):
+        monkeypatch.setattr(module, "new_output", lambda like: torch.full_like(like, float("nan")))
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("S, Skv, bshd, broadcast", [(1000, 1000, True, False), (1024, 700, False, True),
+                                                     (900, 1000, True, True)])
+def test_matches_reference_on_hopper(monkeypatch, dtype, S, Skv, bshd, broadcast):
+    B, H = 2, 3
+    q, k, v, do = qkv(B, H, S, Skv, dtype=dtype, device="cuda", bshd=bshd, n=4)
+    mq, mk = -(-S // 128), -(-Skv // 128)
+    keep = random_keep(1 if broadcast else B, H, mq, mk, 0.4, seed=S + Skv)
+    keep[..., :, 2] = False  # a key block no query attends to: its dK / dV are 0
+    layout = BlockLayout.from_block_mask_tensor(keep.cuda(), S, Skv)
+    scale = 128 ** -0.5
+    o, lse, dq_ref, dk_ref, dv_ref = _reference_grads(q, k, v, do, layout.expand(B, H), scale)
+    delta = (do.float() * o).sum(-1).contiguous()
+    q_counts, q_indices = transpose_layout_tensors(layout.kv_counts, layout.kv_indices, mq)
+    _nan_outputs(monkeypatch)
+    dk, dv = hopper_dkdv.hopper_dkdv(q, k, v, do, lse.contiguous(), delta, q_counts, q_indices, scale)
+    # the forward lists in reverse order: the dQ kernel takes any order (the partial key block first)
+    counts, idx = layout.kv_counts, layout.kv_indices
+    slots = torch.arange(mk, device="cuda")
+    rev = torch.where(slots < counts[..., None], counts[..., None] - 1 - slots, slots)
+    dq = hopper_dq.hopper_dq(q, k, v, do, lse.contiguous(), delta, counts, idx.gather(-1, rev).contiguous(), scale)
+    torch.cuda.synchronize()
+    assert dk.stride() == k.stride() and dv.stride() == v.stride() and dq.stride() == q.stride()
+    for name, got, want in (("dk", dk, dk_ref), ("dv", dv, dv_ref), ("dq", dq, dq_ref)):
+        assert torch.isfinite(got).all(), name
+        assert _rel(got, want) < 2e-2, name
+    assert (dk[:, :, 256:384] == 0).all() and (dv[:, :, 256:384] == 0).all()
+    assert (dq[:, :, :128] == 0).all()  # query block 0 keeps nothing
+
+
+@needs_hopper
+def test_dq_with_scores_far_below_the_lse(monkeypatch):
+    """Rows whose real scores all lie far below 0 have a very negative lse; the zero-filled key columns
+    past Skv (score 0) must not overflow the exponent (the kernel clamps it)."""
+    B, H, S, Skv = 1, 2, 384, 700
+    q, k, v, do = qkv(B, H, S, Skv, dtype=torch.bfloat16, device="cuda", n=4)
+    q, k = q.abs() * 5, -k.abs() * 5  # every q.k < 0: scaled scores near -104, so exp(-lse) overflows fp32
+    keep = torch.ones(1, H, 3, 6, dtype=torch.bool)
+    layout = BlockLayout.from_block_mask_tensor(keep.cuda(), S, Skv)
+    scale = 128 ** -0.5
+    o, lse, dq_ref, _, _ = _reference_grads(q, k, v, do, layout.expand(B, H), scale)
+    assert lse.max() < -90
+    delta = (do.float() * o).sum(-1).contiguous()
+    _nan_outputs(monkeypatch)
+    dq = hopper_dq.hopper_dq(q, k, v, do, lse.contiguous(), delta, layout.kv_counts, layout.kv_indices, scale)
+    torch.cuda.synchronize()
+    assert torch.isfinite(dq).all()
+    assert _rel(dq, dq_ref) < 2e-2
+
+
+@needs_hopper
+def test_public_api_gradients_match_the_triton_kernels(monkeypatch):
+    B, H, S = 1, 2, 900
+    q, k, v = (t.requires_grad_() for t in qkv(B, H, S, S, device="cuda", bshd=True))
+    keep = random_keep(B, H, 8, 8, 0.5, seed=3) | torch.eye(8, dtype=torch.bool)
+    layout = BlockLayout.from_block_mask_tensor(keep.cuda(), S, S, 128, 128)
+    g = torch.randn(B, H, S, 128, device="cuda", dtype=torch.bfloat16)
+    assert hopper_dkdv.hopper_dkdv_supported(q, k, v, g, 128, 128)
+    grads = torch.autograd.grad(block_sparse_attention(q, k, v, layout), (q, k, v), g)
+    monkeypatch.setenv("DIT_SPARSE_HOPPER_BWD", "0")
+    triton_grads = torch.autograd.grad(block_sparse_attention(q, k, v, layout), (q, k, v), g)
+    for got, want in zip(grads, triton_grads):
+        assert _rel(got, want.float()) < 1e-2
