@@ -20,6 +20,7 @@ is timed. The sweep only reports: the default run uses the config lists in ``ker
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -96,29 +97,39 @@ def make_providers(block_sparse_attention):
         "fa2": sdpa(SDPBackend.FLASH_ATTENTION),
         "flex": lambda q, k, v, layout, block_mask: flex(q, k, v, block_mask=block_mask),
         "ours": lambda q, k, v, layout, block_mask: block_sparse_attention(q, k, v, layout),
-        # the portable Triton forward where "ours" runs the Hopper one (timed in fwd mode only)
-        "ours-triton": lambda q, k, v, layout, block_mask: _without_hopper_fwd(block_sparse_attention, q, k, v,
-                                                                               layout),
+        # "ours-triton": "ours" run inside hopper_off() (the portable Triton kernels where "ours" runs the
+        # Hopper ones; timed only there)
     }
 
 
-def _without_hopper_fwd(block_sparse_attention, q, k, v, layout):
-    old = os.environ.get("DIT_SPARSE_HOPPER_FWD")
-    os.environ["DIT_SPARSE_HOPPER_FWD"] = "0"
+HOPPER_SWITCHES = ("DIT_SPARSE_HOPPER_FWD", "DIT_SPARSE_HOPPER_BWD")
+
+
+@contextlib.contextmanager
+def hopper_off():
+    """The Hopper kernels switched off (read at each call, so for forward and backward inside the block)."""
+    old = {name: os.environ.get(name) for name in HOPPER_SWITCHES}
+    os.environ.update({name: "0" for name in HOPPER_SWITCHES})
     try:
-        return block_sparse_attention(q, k, v, layout)
+        yield
     finally:
-        if old is None:
-            del os.environ["DIT_SPARSE_HOPPER_FWD"]
-        else:
-            os.environ["DIT_SPARSE_HOPPER_FWD"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
-def forward_kernel_name(q) -> str:
-    """Which forward kernel "ours" runs for bf16 D=128 128-blocks on this GPU."""
+def kernel_names(q) -> dict:
+    """Which forward, dK/dV and dQ kernels "ours" runs for bf16 D=128 128-blocks on this GPU."""
+    from dit_sparse.kernels.block_sparse.hopper_dkdv import hopper_dkdv_supported
+    from dit_sparse.kernels.block_sparse.hopper_dq import hopper_dq_supported
     from dit_sparse.kernels.block_sparse.hopper_fwd import hopper_fwd_supported
 
-    return "hopper (Gluon, warp-specialised)" if hopper_fwd_supported(q, q, q, 128, 128) else "triton"
+    gluon = "hopper (Gluon, warp-specialised)"
+    return dict(fwd_kernel=gluon if hopper_fwd_supported(q, q, q, 128, 128) else "triton",
+                dkdv_kernel=gluon if hopper_dkdv_supported(q, q, q, q, 128, 128) else "triton",
+                dq_kernel=gluon if hopper_dq_supported(q, q, q, q, 128, 128) else "triton")
 
 
 def time_provider(fn, q, k, v, do, layout, block_mask, mode, timing):
@@ -276,8 +287,10 @@ def build_markdown(info, rows, checks, tune_rows, best_configs) -> str:
         f"GPU: {info.get('gpu')} | date: {info['date']} | torch {info['torch']} | triton {info['triton']} | "
         f"CUDA {info['cuda']} | cuDNN {info['cudnn']}",
         "",
-        f"Forward kernel of `ours`: {info.get('fwd_kernel', 'triton')}; `ours-triton` (fwd only) is the portable "
-        "Triton forward on the same inputs (`DIT_SPARSE_HOPPER_FWD=0`). The backward is the Triton one in both.",
+        f"Kernels of `ours`: forward {info.get('fwd_kernel', 'triton')}, dK/dV {info.get('dkdv_kernel', 'triton')}, "
+        f"dQ {info.get('dq_kernel', 'triton')} (backward preprocess: Triton). `ours-triton` is the portable Triton "
+        "kernels on the same inputs "
+        "(`DIT_SPARSE_HOPPER_FWD=0 DIT_SPARSE_HOPPER_BWD=0`).",
         "",
         "Effective TFLOP/s = 4*B*H*Sq*Skv*D*density / time for fwd, 3.5x that for fwd+bwd, with density the "
         "ACTUAL kept fraction of the layout (1 for dense cuDNN / FA2). `vs cuDNN` = cuDNN dense time / time "
@@ -333,8 +346,8 @@ def main(argv=None):
         timing = TIMING[shape]
         g = torch.Generator(device=device).manual_seed(args.seed)
         q, k, v, do = (torch.randn(b, h, s, d, generator=g, device=device, dtype=torch.bfloat16) for _ in range(4))
-        info["fwd_kernel"] = forward_kernel_name(q)
-        hopper = info["fwd_kernel"] != "triton"
+        info.update(kernel_names(q))
+        hopper = any(info[f"{x}_kernel"] != "triton" for x in ("fwd", "dkdv", "dq"))
         layouts = {x: random_layout(b, h, s, x, args.seed + 1 + j, device) for j, x in enumerate(args.densities)}
         # Check every layout we time first (the first check also runs our autotuners); a variant that
         # disagrees with FlexAttention is reported and not timed.
@@ -372,13 +385,15 @@ def main(argv=None):
                 actual = layout.density().mean().item()
                 bm = layout.to_flex_block_mask()
                 times = {}
-                names = ("flex", "ours") + (("ours-triton",) if mode == "fwd" and hopper else ())
+                names = ("flex", "ours") + (("ours-triton",) if hopper else ())
                 for name in names:
                     if name.startswith("ours") and x in bad:
                         times[name] = None
                         continue
                     try:
-                        times[name] = time_provider(providers[name], q, k, v, do, layout, bm, mode, timing)
+                        with hopper_off() if name == "ours-triton" else contextlib.nullcontext():
+                            times[name] = time_provider(providers[name.replace("-triton", "")], q, k, v, do,
+                                                        layout, bm, mode, timing)
                     except Exception as e:
                         print(f"[{shape}] {name} {mode} {x} failed: {type(e).__name__}: {e}", flush=True)
                         times[name] = None
