@@ -146,8 +146,8 @@ class SpatioTemporal(Pattern):
     def _classify(self, ctx: PatternContext, q, k, scale=None) -> HeadClassification:
         _, _, rows, per_row = self._candidates(ctx)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        logits = _sampled_logits(q[:, :, rows], k).mul_(scale)  # fp32 [B, H, n, S]
-        mass = _block_sums(torch.softmax(logits, dim=-1), ctx.block_kv)  # [B, H, n, Mk]
+        logits = _sampled_logits(q[:, :, rows], k, scale)  # fp32 [B, H, n, S], scaled
+        mass = _block_softmax_mass(logits, ctx.block_kv)  # [B, H, n, Mk]
         recalls = (mass.unsqueeze(0) * per_row[:, None, None]).sum(-1).mean(-1)  # [2, B, H]
         return HeadClassification(recalls[1] > recalls[0], recalls[0], recalls[1])
 
@@ -177,20 +177,24 @@ def _sampled_rows(video_len: int, num_samples: int, seed: int, device: torch.dev
     return rows.sort().values.to(device)
 
 
-def _sampled_logits(q_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """fp32 ``q_rows @ k^T``: ``[B, H, n, D] x [B, H, S, D] -> [B, H, n, S]``. Half-precision CUDA inputs
-    multiply on the tensor cores with fp32 output (no fp32 copy of k: that copy and an fp32 GEMM were
-    most of a build's time at Wan-480p); others in fp32."""
+def _sampled_logits(q_rows: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 ``scale * q_rows @ k^T``: ``[B, H, n, D] x [B, H, S, D] -> [B, H, n, S]``. Half-precision CUDA
+    inputs multiply on the tensor cores with fp32 output (no fp32 copy of k: that copy and an fp32 GEMM were
+    most of a build's time at Wan-480p), the scale folded into the few sampled rows (one rounding of q's
+    dtype) instead of a pass over the logits; others in fp32."""
     b, h, n, d = q_rows.shape
     if q_rows.is_cuda and q_rows.dtype in (torch.bfloat16, torch.float16) and k.dtype == q_rows.dtype:
-        out = torch.bmm(q_rows.reshape(b * h, n, d), k.reshape(b * h, -1, d).transpose(1, 2),
+        rows = (q_rows.float() * scale).to(q_rows.dtype)
+        out = torch.bmm(rows.reshape(b * h, n, d), k.reshape(b * h, -1, d).transpose(1, 2),
                         out_dtype=torch.float32)
         return out.view(b, h, n, -1)
-    return q_rows.float() @ k.float().transpose(-1, -2)
+    return (q_rows.float() @ k.float().transpose(-1, -2)).mul_(scale)
 
 
-def _block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Sums over consecutive blocks of ``block`` entries of the last dim (the tail block is shorter)."""
+def _block_softmax_mass(logits: torch.Tensor, block: int) -> torch.Tensor:
+    """The softmax of ``logits`` over the last dim, summed over consecutive blocks of ``block`` entries (the
+    tail block is shorter)."""
+    x = torch.softmax(logits, dim=-1)
     s = x.shape[-1]
     full = s // block
     head = x[..., : full * block].unflatten(-1, (full, block)).sum(-1)
