@@ -73,7 +73,16 @@ def reference_with_grads(q, k, v, layout, do, scale=None):
     )
 
 
-TOL = {torch.float16: (3e-3, 1e-2), torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 4e-2)}
+def tol32(tol: float) -> float:
+    """An fp32 tolerance of the interpreter (exact fp32 dots), widened on a GPU, where ``tl.dot`` on fp32
+    inputs runs in TF32 (10-bit mantissa): 1e-5 (outputs) -> 3e-3, 1e-4 (gradients) -> 1e-2, the fp16
+    tolerances."""
+    if DEVICE == "cpu":
+        return tol
+    return {1e-5: 3e-3, 1e-4: 1e-2}[tol]
+
+
+TOL = {torch.float16: (3e-3, 1e-2), torch.float32: (tol32(1e-5), tol32(1e-4)), torch.bfloat16: (2e-2, 4e-2)}
 
 
 def check_against_reference(q, k, v, layout, backend, scale=None):
@@ -136,7 +145,7 @@ def test_triton_sub_block_steps(q_len, kv_len, bq, bkv):
         dkdv_config=(32, 32, 4, 1), dq_config=(32, 32, 4, 1),
     )
     for name, r, a in zip(("o", "dq", "dk", "dv"), ref, (o, *grads)):
-        assert_close(name, r, a, 1e-4)
+        assert_close(name, r, a, tol32(1e-4))
 
 
 def _variant_layout(q_len, kv_len, bq, bkv, seed):
@@ -174,7 +183,7 @@ def test_triton_variants_match_reference(q_len, kv_len, d, bq, bkv, tma):
     got = _launch_both(q, k, v, layout, 0.1, do, triton_fwd.FwdConfig(32, 4, 1, tma),
                        triton_bwd.DkdvConfig(32, 32, 4, 1, tma), triton_bwd.DqConfig(32, 32, 4, 1, tma))
     for name, r, a in zip(("o", "dq", "dk", "dv"), ref, got):
-        assert_close(f"{name} tma={tma}", r, a, 1e-4)
+        assert_close(f"{name} tma={tma}", r, a, tol32(1e-4))
     last = (layout.num_q_blocks - 1) * bq  # head 1's last query block keeps no key block
     assert torch.equal(got[0][0, 1, last:], torch.zeros_like(got[0][0, 1, last:]))
 
@@ -189,7 +198,7 @@ def test_full_rows_path_matches_reference(kv_len, bkv, tma):
     for cfg in (triton_fwd.FwdConfig(bkv, 4, 1, tma), triton_fwd.FwdConfig(32, 4, 1, tma)):
         o, _ = triton_fwd.block_sparse_fwd(q, k, v, layout.kv_counts, layout.kv_indices, 0.1, 64, bkv,
                                            config=cfg, full_rows=True)
-        assert_close(f"o {cfg}", ref, o, 1e-5)
+        assert_close(f"o {cfg}", ref, o, tol32(1e-5))
 
 
 def test_full_rows_hint_is_known_from_the_second_call():
@@ -229,8 +238,8 @@ def test_dense_layout_same_result_on_first_and_later_calls(monkeypatch):
     first = block_sparse_attention(q, k, v, layout, backend="triton")
     second = block_sparse_attention(q, k, v, layout, backend="triton")
     ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout)
-    assert_close("first", ref, first, 1e-5)
-    assert_close("second", ref, second, 1e-5)
+    assert_close("first", ref, first, tol32(1e-5))
+    assert_close("second", ref, second, tol32(1e-5))
     assert_close("first vs second", first, second, 1e-6)
     assert answers == [False, True]
 
@@ -291,7 +300,7 @@ def test_autotuned_first_call_is_correct(monkeypatch):
     got = run_with_grads(lambda a, b, c: block_sparse_attention(a, b, c, layout, backend="triton"), q, k, v, do)
     assert [timings.count(at) for at in (fwd_at, dkdv_at, dq_at)] == [2, 2, 2], "autotuners did not time"
     for name, r, a in zip(("o", "dq", "dk", "dv"), ref, got):
-        assert_close(f"autotuned {name}", r, a, 1e-4)
+        assert_close(f"autotuned {name}", r, a, tol32(1e-4))
 
 
 @pytest.mark.parametrize("bq,bkv,tma_ok", [(bq, bkv, t) for bq in (64, 128) for bkv in (64, 128)
@@ -332,7 +341,7 @@ def test_tma_config_on_unaligned_tensors_takes_pointer_path():
     ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, scale=0.125)
     o, _ = triton_fwd.block_sparse_fwd(q, k, v, layout.kv_counts, layout.kv_indices, 0.125, 64, 64,
                                        config=(64, 4, 1, True))
-    assert_close("o", ref, o, 1e-5)
+    assert_close("o", ref, o, tol32(1e-5))
 
 
 @needs_triton
@@ -432,9 +441,9 @@ def test_return_lse_and_its_gradient():
     for got in results[1:]:
         fin = torch.isfinite(results[0][0])
         assert torch.equal(fin, torch.isfinite(got[0]))
-        assert_close("lse", results[0][0][fin], got[0][fin], 1e-5)
+        assert_close("lse", results[0][0][fin], got[0][fin], tol32(1e-5))
         for name, r, a in zip(("dq", "dk", "dv"), results[0][1:], got[1:]):
-            assert_close(f"lse-grad {name}", r, a, 1e-4)
+            assert_close(f"lse-grad {name}", r, a, tol32(1e-4))
 
 
 @needs_triton
@@ -502,7 +511,7 @@ def test_flex_block_mask_input(backend):
 
     bm = create_block_mask(local, None, None, 256, 256, device=DEVICE, BLOCK_SIZE=128)
     expected = BlockLayout.from_block_mask(bm)
-    assert torch.equal(expected.to_block_mask_tensor()[0, 0], torch.tensor([[True, True], [True, True]]))
+    assert torch.equal(expected.to_block_mask_tensor()[0, 0].cpu(), torch.tensor([[True, True], [True, True]]))
     got = block_sparse_attention(q, k, v, bm, backend=backend)
     assert torch.equal(got, block_sparse_attention(q, k, v, expected, backend=backend))
     mask = torch.tensor([[True, False], [True, True]]).view(1, 1, 2, 2)
@@ -606,7 +615,8 @@ def test_device_mismatch_error():
     (dict(layout=random_layout(1, 2, 128, 128, 64, 256, 1.0, 0)), "block_kv=256"),
 ])
 def test_triton_shape_errors(over, message):
-    args = _err_case(**over)
+    args = {name: a.to(DEVICE) if isinstance(a, (torch.Tensor, BlockLayout)) else a
+            for name, a in _err_case(**over).items()}  # on a GPU machine CPU tensors would fail first
     with pytest.raises(ValueError, match=message):
         block_sparse_attention(args["q"], args["k"], args["v"], args["layout"], backend="triton")
 
