@@ -83,3 +83,16 @@ if HAVE_GLUON:
         warp of the partition must be past its wgmma wait first."""
         gl.thread_barrier()
         mbarrier.arrive(bar, count=1)
+
+    @gluon.jit
+    def cta_block_list(counts_ptr, idx_ptr, H, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+                       BLOCK: gl.constexpr):
+        """This CTA's place in a ``(blocks, B*H)`` grid over a layout (forward or transposed): ``b``, ``h``,
+        ``b*H + h``, the first row of its block, its list's count and a pointer to the list."""
+        pid = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh % H
+        count = gl.load(counts_ptr + b.to(gl.int64) * stride_cb + h * stride_ch + pid * stride_cm)
+        my_idx = idx_ptr + b.to(gl.int64) * stride_ib + h * stride_ih + pid * stride_im
+        return b, h, bh, pid * BLOCK, count, my_idx

@@ -60,7 +60,7 @@ if HAVE_GLUON:
         async_copy, fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
     )
 
-    from ._hopper_common import as_2d as _as_2d, release as _release
+    from ._hopper_common import as_2d as _as_2d, cta_block_list as _cta_block_list, release as _release
 
 
 def hopper_dkdv_supported(q, k, v, do, block_q: int, block_kv: int, capability=None) -> bool:
@@ -235,13 +235,8 @@ if HAVE_GLUON:
         gl.static_assert(BLOCK_N == 128 and HEAD_DIM == 128 and BLOCK_M == 64)
         gl.static_assert(dk_desc.block_type.shape[2] == BLOCK_N // 2)
 
-        pid_n = gl.program_id(0)
-        bh = gl.program_id(1)
-        b = bh // H
-        h = bh % H
-        kv_row0 = pid_n * BLOCK_N
-        count = gl.load(counts_ptr + b.to(gl.int64) * stride_cb + h * stride_ch + pid_n * stride_cn)
-        my_idx = idx_ptr + b.to(gl.int64) * stride_ib + h * stride_ih + pid_n * stride_in
+        b, h, bh, kv_row0, count, my_idx = _cta_block_list(counts_ptr, idx_ptr, H, stride_cb, stride_ch, stride_cn,
+                                                           stride_ib, stride_ih, stride_in, BLOCK_N)
         n = _num_steps(my_idx, count, q_len, BLOCK_M, BLOCK_Q)
 
         k_smem = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)

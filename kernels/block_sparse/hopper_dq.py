@@ -56,7 +56,7 @@ if HAVE_GLUON:
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
     )
 
-    from ._hopper_common import as_2d as _as_2d, release as _release
+    from ._hopper_common import as_2d as _as_2d, cta_block_list as _cta_block_list, release as _release
 
 
 def hopper_dq_supported(q, k, v, do, block_q: int, block_kv: int, capability=None) -> bool:
@@ -191,13 +191,8 @@ if HAVE_GLUON:
         gl.static_assert(BLOCK_M == 128 and HEAD_DIM == 128 and BLOCK_N == 128)
         gl.static_assert(dq_desc.block_type.shape[2] == BLOCK_M // 2)
 
-        pid_m = gl.program_id(0)
-        bh = gl.program_id(1)
-        b = bh // H
-        h = bh % H
-        q_row0 = pid_m * BLOCK_M
-        n = gl.load(counts_ptr + b.to(gl.int64) * stride_cb + h * stride_ch + pid_m * stride_cm)
-        my_idx = idx_ptr + b.to(gl.int64) * stride_ib + h * stride_ih + pid_m * stride_im
+        b, h, bh, q_row0, n, my_idx = _cta_block_list(counts_ptr, idx_ptr, H, stride_cb, stride_ch, stride_cm,
+                                                      stride_ib, stride_ih, stride_im, BLOCK_M)
 
         q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
         do_smem = gl.allocate_shared_memory(do_desc.dtype, do_desc.block_type.shape, do_desc.layout)

@@ -58,7 +58,7 @@ if HAVE_GLUON:
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
     )
 
-    from ._hopper_common import as_2d as _as_2d, release as _release
+    from ._hopper_common import as_2d as _as_2d, cta_block_list as _cta_block_list, release as _release
 
 
 def hopper_fwd_supported(q, k, v, block_q: int, block_kv: int, capability=None) -> bool:
@@ -229,13 +229,8 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
         gl.static_assert(BLOCK_M == 128 and BLOCK_N == 128 and HEAD_DIM == 128)
 
-        pid_m = gl.program_id(0)
-        bh = gl.program_id(1)
-        b = bh // H
-        h = bh % H
-        q_row0 = pid_m * BLOCK_M
-        count = gl.load(counts_ptr + b.to(gl.int64) * stride_cb + h * stride_ch + pid_m * stride_cm)
-        my_idx = idx_ptr + b.to(gl.int64) * stride_ib + h * stride_ih + pid_m * stride_im
+        b, h, bh, q_row0, count, my_idx = _cta_block_list(counts_ptr, idx_ptr, H, stride_cb, stride_ch, stride_cm,
+                                                          stride_ib, stride_ih, stride_im, BLOCK_M)
 
         q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
