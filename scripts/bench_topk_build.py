@@ -179,10 +179,45 @@ def sweep_case(shape: str, rule_name: str, device="cuda") -> list[dict]:
     return out
 
 
+# (rows of a block per step, blocks per program, warps) of the pooling launch tried by --sweep; the first is
+# the launcher's own choice at head dim 128.
+POOL_SWEEP = ((64, 1, None), (128, 1, 4), (128, 1, 8), (64, 2, 8), (32, 2, 4), (64, 4, 8), (128, 2, 16))
+
+
+def pool_sweep_case(shape: str, device="cuda") -> list[dict]:
+    """The pooling launch over tiles: one row per (block rows, blocks per program, warps), its time, its read
+    rate and whether its means equal the default tile's (to fp32 summation order)."""
+    from dit_sparse.kernels.block_score.topk_layout import pool_qk_triton
+
+    grid, tile, heads = SHAPES[shape]
+    tl = TokenLayout(*grid, tile=tile)
+    q, k = make_qk(heads, tl.seq_len, torch.device(device))
+    ref = pool_qk_triton(q, k, BLOCK, BLOCK)
+    bytes_read = 2 * q.numel() * q.element_size()
+    out = []
+    for rows, per_program, warps in POOL_SWEEP:
+        row = dict(shape=shape, block_rows=rows, blocks_per_program=per_program, num_warps=warps or "default")
+        kw = dict(block_rows=rows, blocks_per_program=per_program, num_warps=warps)
+        try:
+            got = pool_qk_triton(q, k, BLOCK, BLOCK, **kw)
+            row["max_diff"] = max((a - b).abs().max().item() for a, b in zip(got, ref))
+            row["pool_ms"] = bench_ms(lambda: pool_qk_triton(q, k, BLOCK, BLOCK, **kw))
+            row["pool_gbps"] = bytes_read / (row["pool_ms"] * 1e-3) / 1e9
+        except Exception as e:  # e.g. out of registers: keep the others
+            row["error"] = f"{type(e).__name__}: {e}"[:200]
+        out.append(row)
+    return out
+
+
 def run_bench(shapes=None, rules=None, attention: bool = True, log=print, device="cuda", sweep: bool = False) -> dict:
     """Every (shape, rule) case; a failing case is recorded with its error. Returns the JSON payload."""
-    results, sweeps = [], []
+    results, sweeps, pool_sweeps = [], [], []
     for shape in shapes or list(SHAPES):
+        if sweep:
+            try:
+                pool_sweeps += pool_sweep_case(shape, device)
+            except Exception as e:
+                pool_sweeps.append(dict(shape=shape, error=f"{type(e).__name__}: {e}"[:200]))
         for rule_name in rules or list(RULES):
             try:
                 row = bench_case(shape, rule_name, attention, device)
@@ -200,6 +235,7 @@ def run_bench(shapes=None, rules=None, attention: bool = True, log=print, device
                "dtype": "bfloat16", "results": results}
     if sweep:
         payload["select_sweep"] = sweeps
+        payload["pool_sweep"] = pool_sweeps
     return payload
 
 
@@ -234,6 +270,13 @@ def to_markdown(payload: dict) -> str:
                   r.get("select_ms", f"error: {r.get('error')}")] for r in payload["select_sweep"]]
         md += ("\n\n## Select launch over tiles (`--sweep`)\n\n"
                + markdown_table(["shape", "rule", "rows / program", "warps", "select ms"], sweep))
+    if payload.get("pool_sweep"):
+        pool = [[r["shape"], r.get("block_rows"), r.get("blocks_per_program"), r.get("num_warps"),
+                 r.get("pool_ms", f"error: {r.get('error')}"), r.get("pool_gbps"), r.get("max_diff")]
+                for r in payload["pool_sweep"]]
+        md += ("\n\n## Pooling launch over tiles (`--sweep`; the first row is the launcher's choice)\n\n"
+               + markdown_table(["shape", "rows / step", "blocks / program", "warps", "pool ms", "GB/s",
+                                 "max diff vs first"], pool))
     return md
 
 
@@ -243,7 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
     ap.add_argument("--no-attention", action="store_true", help="skip the attention timing (and the share)")
-    ap.add_argument("--sweep", action="store_true", help="also time the select launch over tiles and warps")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the select and pooling launches over tiles and warps")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_topk_build needs a CUDA GPU", file=sys.stderr)

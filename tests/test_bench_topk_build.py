@@ -31,6 +31,7 @@ def bench(monkeypatch):
 def test_one_case_end_to_end_and_report(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "SWEEP_ROWS", (2,))
     monkeypatch.setattr(bench, "SWEEP_WARPS", (4,))
+    monkeypatch.setattr(bench, "POOL_SWEEP", ((2, 1, None), (4, 2, 4), (1, 4, 8)))
     payload = bench.run_bench(attention=False, log=lambda row: None, device="cpu", sweep=True)
     assert [(r["shape"], r["rule"]) for r in payload["results"]] == [("tiny", "ratio0.1"), ("tiny", "threshold0.9")]
     for r in payload["results"]:
@@ -41,6 +42,9 @@ def test_one_case_end_to_end_and_report(bench, tmp_path, monkeypatch):
     sweep = payload["select_sweep"]
     assert [(r["rule"], r["block_m"]) for r in sweep] == [("ratio0.1", 2), ("threshold0.9", 2)]
     assert all(r["select_ms"] == 1.0 and r["num_warps"] == 4 for r in sweep)
+    pool = payload["pool_sweep"]  # other tiles, the same means
+    assert [(r["block_rows"], r["blocks_per_program"]) for r in pool] == [(2, 1), (4, 2), (1, 4)]
+    assert all("error" not in r and r["pool_ms"] == 1.0 and r["max_diff"] < 1e-5 for r in pool), pool
     from _bench_util import write_report  # scripts/ is on sys.path once the module is loaded
 
     md = bench.to_markdown(payload)
@@ -49,6 +53,7 @@ def test_one_case_end_to_end_and_report(bench, tmp_path, monkeypatch):
     text = (tmp_path / "topk_build.md").read_text()
     assert "| tiny | ratio0.1 | fused |" in text and "| tiny | threshold0.9 | fused |" in text
     assert "| tiny | ratio0.1 | 2 | 4 | 1 |" in text  # the sweep's table
+    assert "| tiny | 4 | 2 | 4 | 1 |" in text  # the pooling sweep's
 
 
 def test_above_the_fused_bound_the_fused_build_is_timed(bench, monkeypatch):

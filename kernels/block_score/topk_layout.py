@@ -212,9 +212,14 @@ def _f64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int):
+def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int, *, block_rows: int | None = None,
+                   blocks_per_program: int | None = None, num_warps: int | None = None):
     """Block means of q and k in one launch: ``[B, H, S, D]`` (any strides, dtypes) -> fp32 contiguous
-    ``[B, H, D, Mq]`` and ``[B, H, D, Mk]`` (transposed; tail blocks averaged over their true length)."""
+    ``[B, H, D, Mq]`` and ``[B, H, D, Mk]`` (transposed; tail blocks averaged over their true length).
+
+    ``block_rows`` (rows of each block summed per step), ``blocks_per_program`` and ``num_warps`` (powers
+    of two) override the tile, for ``scripts/bench_topk_build.py --sweep``; the results do not depend on
+    them beyond fp32 summation order."""
     b, h, sq, d = q.shape
     sk = k.shape[2]
     mq, mk = cdiv(sq, block_q), cdiv(sk, block_kv)
@@ -222,10 +227,12 @@ def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int
     kt = torch.empty(b, h, d, mk, device=q.device, dtype=torch.float32)
     bd = triton.next_power_of_2(d)
     # As mean_pool_triton: a [BM blocks, BT rows, BD dims] tile of about 8K elements per step.
-    bt = max(1, min(triton.next_power_of_2(max(block_q, block_kv)), 8192 // bd, 64))
-    bm = max(1, min(triton.next_power_of_2(max(mq, mk)), 8192 // (bd * bt), 64))
+    bt = block_rows or max(1, min(triton.next_power_of_2(max(block_q, block_kv)), 8192 // bd, 64))
+    bm = blocks_per_program or max(1, min(triton.next_power_of_2(max(mq, mk)), 8192 // (bd * bt), 64))
+    extra = {} if num_warps is None else dict(num_warps=num_warps)
     _pool_qk_kernel[(cdiv(max(mq, mk), bm), b * h, 2)](
         q, k, qt, kt, sq, sk, d, h, mq, mk, block_q, block_kv, *q.stride(), *k.stride(), BM=bm, BT=bt, BD=bd,
+        **extra,
     )
     return qt, kt
 
