@@ -63,11 +63,13 @@ def tma_eligible(*tensors: torch.Tensor) -> bool:
 
 def tma_addressable(t: torch.Tensor) -> bool:
     """Whether a TMA descriptor can address ``t`` in place: last dim contiguous, 16-byte aligned base and
-    16-byte aligned strides (dims of size 1 are never stepped over, so their strides do not count)."""
+    positive 16-byte aligned strides (dims of size 1 are never stepped over, so their strides do not count;
+    a broadcast dim - stride 0, as in the gradient of ``(o * w).sum()`` - is not addressable)."""
     item = t.element_size()
     if t.stride(-1) != 1 or t.data_ptr() % 16:
         return False
-    return all((stride * item) % 16 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
+    return all(stride > 0 and (stride * item) % 16 == 0
+               for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
 
 
 def _torch_scratch(size: int, alignment: int, stream):

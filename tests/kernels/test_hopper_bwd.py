@@ -42,6 +42,9 @@ def test_supported_inputs(no_interpreter, monkeypatch):
     odd = torch.randn(1, 2, 300, 129, dtype=torch.bfloat16)[..., 1:]  # base and row stride not 16-byte aligned
     assert not supported(q, k, v, odd, **ok)
     assert not supported(q, k, v, do.half(), **ok)
+    # the gradient of (o * w).sum(): w broadcast over B, H, S (strides 0) - TMA cannot step over it
+    broadcast = torch.randn(128, dtype=torch.bfloat16).expand_as(do)
+    assert not supported(q, k, v, broadcast, **ok)
     assert not supported(q, k, v, do, block_q=128, block_kv=128)  # CPU tensors
     assert hopper_dq.hopper_dq_supported(q, k, v, do, **ok)  # the dQ kernel takes the same inputs
     assert not hopper_dq.hopper_dq_supported(q, k, v, odd, **ok)
