@@ -97,8 +97,6 @@ def make_providers(block_sparse_attention):
         "fa2": sdpa(SDPBackend.FLASH_ATTENTION),
         "flex": lambda q, k, v, layout, block_mask: flex(q, k, v, block_mask=block_mask),
         "ours": lambda q, k, v, layout, block_mask: block_sparse_attention(q, k, v, layout),
-        # "ours-triton": "ours" run inside hopper_off() (the portable Triton kernels where "ours" runs the
-        # Hopper ones; timed only there)
     }
 
 
@@ -122,14 +120,13 @@ def hopper_off():
 
 def kernel_names(q) -> dict:
     """Which forward, dK/dV and dQ kernels "ours" runs for bf16 D=128 128-blocks on this GPU."""
-    from dit_sparse.kernels.block_sparse.hopper_dkdv import hopper_dkdv_supported
-    from dit_sparse.kernels.block_sparse.hopper_dq import hopper_dq_supported
+    from dit_sparse.kernels.block_sparse._hopper_common import hopper_bwd_supported
     from dit_sparse.kernels.block_sparse.hopper_fwd import hopper_fwd_supported
 
     gluon = "hopper (Gluon, warp-specialised)"
-    return dict(fwd_kernel=gluon if hopper_fwd_supported(q, q, q, 128, 128) else "triton",
-                dkdv_kernel=gluon if hopper_dkdv_supported(q, q, q, q, 128, 128) else "triton",
-                dq_kernel=gluon if hopper_dq_supported(q, q, q, q, 128, 128) else "triton")
+    bwd = gluon if hopper_bwd_supported(q, q, q, q, 128, 128) else "triton"
+    return dict(fwd_kernel=gluon if hopper_fwd_supported(q, q, q, 128, 128) else "triton", dkdv_kernel=bwd,
+                dq_kernel=bwd)
 
 
 def time_provider(fn, q, k, v, do, layout, block_mask, mode, timing):
@@ -385,14 +382,16 @@ def main(argv=None):
                 actual = layout.density().mean().item()
                 bm = layout.to_flex_block_mask()
                 times = {}
+                # "ours-triton": "ours" with the Hopper kernels off (the portable Triton kernels), where they apply
                 names = ("flex", "ours") + (("ours-triton",) if hopper else ())
                 for name in names:
                     if name.startswith("ours") and x in bad:
                         times[name] = None
                         continue
                     try:
-                        with hopper_off() if name == "ours-triton" else contextlib.nullcontext():
-                            times[name] = time_provider(providers[name.replace("-triton", "")], q, k, v, do,
+                        triton_only = name == "ours-triton"
+                        with hopper_off() if triton_only else contextlib.nullcontext():
+                            times[name] = time_provider(providers["ours" if triton_only else name], q, k, v, do,
                                                         layout, bm, mode, timing)
                     except Exception as e:
                         print(f"[{shape}] {name} {mode} {x} failed: {type(e).__name__}: {e}", flush=True)

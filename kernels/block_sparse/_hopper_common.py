@@ -15,7 +15,7 @@ import torch
 
 from ._common import interpreting, tma_addressable
 
-__all__ = ["HAVE_GLUON", "BLOCK", "HEAD_DIM", "hopper_supported", "tma_descriptor"]
+__all__ = ["HAVE_GLUON", "BLOCK", "HEAD_DIM", "hopper_supported", "hopper_bwd_supported", "tma_descriptor"]
 
 BLOCK = 128
 HEAD_DIM = 128
@@ -57,6 +57,13 @@ def hopper_supported(tensors, block_q: int, block_kv: int, switch: str, capabili
     if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
         return False
     return all(t.dtype == q.dtype and tma_addressable(t) for t in tensors)
+
+
+def hopper_bwd_supported(q, k, v, do, block_q: int, block_kv: int, capability=None) -> bool:
+    """Whether the Hopper backward kernels (``hopper_dkdv.py`` and ``hopper_dq.py``, which take the same
+    inputs) can run, else the Triton ones do: see :func:`hopper_supported`. ``DIT_SPARSE_HOPPER_BWD=0``
+    turns them off."""
+    return hopper_supported((q, k, v, do), block_q, block_kv, "DIT_SPARSE_HOPPER_BWD", capability)
 
 
 def tma_descriptor(t: torch.Tensor, rows: int):

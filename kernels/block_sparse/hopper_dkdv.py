@@ -2,7 +2,7 @@
 
 Same contract as the Triton ``_bwd_dkdv`` (``triton_bwd.py``) for the case it covers - CUDA tensors on a
 compute capability 9.x GPU, fp16 / bf16, head dim 128, 128x128 layout blocks - and chosen over it by
-:func:`.triton_bwd.block_sparse_bwd` whenever :func:`hopper_dkdv_supported` says so
+:func:`.triton_bwd.block_sparse_bwd` whenever :func:`._hopper_common.hopper_bwd_supported` says so
 (``DIT_SPARSE_HOPPER_BWD=0`` turns it off). Inputs: the TRANSPOSED layout ``q_counts`` int32
 ``[B|1, H|1, Mk]`` / ``q_indices`` int32 ``[B|1, H|1, Mk, Mq]`` (first ``q_counts`` entries valid, ascending as
 ``transpose_layout_tensors`` makes them), the natural-log ``lse`` and ``delta = rowsum(dO * O) - dLSE``
@@ -43,11 +43,10 @@ from __future__ import annotations
 
 from ._common import LOG2E, broadcast_strides, new_output
 from ._hopper_common import (
-    BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, hopper_supported,
-    tma_descriptor,
+    BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, tma_descriptor,
 )
 
-__all__ = ["hopper_dkdv_supported", "hopper_dkdv", "kernel_launch"]
+__all__ = ["hopper_dkdv", "kernel_launch"]
 
 BLOCK_M = 64  # queries per step
 NUM_STAGES = 2
@@ -61,12 +60,6 @@ if HAVE_GLUON:
     )
 
     from ._hopper_common import as_2d as _as_2d, cta_block_list as _cta_block_list, release as _release
-
-
-def hopper_dkdv_supported(q, k, v, do, block_q: int, block_kv: int, capability=None) -> bool:
-    """Whether :func:`hopper_dkdv` can run these inputs (else the Triton kernel does): see
-    :func:`._hopper_common.hopper_supported`. ``DIT_SPARSE_HOPPER_BWD=0`` turns it off."""
-    return hopper_supported((q, k, v, do), block_q, block_kv, "DIT_SPARSE_HOPPER_BWD", capability)
 
 
 if HAVE_GLUON:
@@ -285,7 +278,7 @@ def kernel_launch(q, k, v, do, lse, delta, dk, dv, q_counts, q_indices, scale: f
 
 
 def hopper_dkdv(q, k, v, do, lse, delta, q_counts, q_indices, scale: float):
-    """dK, dV of block-sparse attention on inputs :func:`hopper_dkdv_supported` accepted.
+    """dK, dV of block-sparse attention on inputs :func:`._hopper_common.hopper_bwd_supported` accepted.
 
     q, do ``[B, H, Sq, 128]``; k, v ``[B, H, Skv, 128]``; lse (natural log) and delta fp32 ``[B, H, Sq]``
     contiguous; q_counts int32 ``[B|1, H|1, Mk]``, q_indices int32 ``[B|1, H|1, Mk, Mq]`` (last dim contiguous,

@@ -2,11 +2,12 @@
 
 Same contract as the Triton ``_bwd_dq`` (``triton_bwd.py``) for the case it covers - CUDA tensors on a
 compute capability 9.x GPU, fp16 / bf16, head dim 128, 128x128 layout blocks - and chosen over it by
-:func:`.triton_bwd.block_sparse_bwd` whenever :func:`hopper_dq_supported` says so (``DIT_SPARSE_HOPPER_BWD=0``
-turns it off, with the dK/dV kernel). Inputs: the forward layout ``kv_counts`` int32 ``[B|1, H|1, Mq]`` /
-``kv_indices`` int32 ``[B|1, H|1, Mq, Mk]`` (first ``kv_counts`` entries valid, in any order), the
-natural-log ``lse`` and ``delta = rowsum(dO * O) - dLSE`` (fp32 ``[B, H, Sq]``, contiguous), q / k / v / do
-``[B, H, S, D]`` with any 16-byte aligned strides. Output: ``dQ = scale * dS K`` in q's dtype and strides.
+:func:`.triton_bwd.block_sparse_bwd` whenever :func:`._hopper_common.hopper_bwd_supported` says so
+(``DIT_SPARSE_HOPPER_BWD=0`` turns it off, with the dK/dV kernel). Inputs: the forward layout
+``kv_counts`` int32 ``[B|1, H|1, Mq]`` / ``kv_indices`` int32 ``[B|1, H|1, Mq, Mk]`` (first ``kv_counts``
+entries valid, in any order), the natural-log ``lse`` and ``delta = rowsum(dO * O) - dLSE`` (fp32
+``[B, H, Sq]``, contiguous), q / k / v / do ``[B, H, S, D]`` with any 16-byte aligned strides. Output:
+``dQ = scale * dS K`` in q's dtype and strides.
 
 Design (the dK/dV kernel of ``hopper_dkdv.py`` with queries and keys swapped)
 -----------------------------------------------------------------------------
@@ -40,11 +41,10 @@ from __future__ import annotations
 
 from ._common import LOG2E, broadcast_strides, new_output
 from ._hopper_common import (
-    BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, hopper_supported,
-    tma_descriptor,
+    BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, tma_descriptor,
 )
 
-__all__ = ["hopper_dq_supported", "hopper_dq", "kernel_launch"]
+__all__ = ["hopper_dq", "kernel_launch"]
 
 NUM_STAGES = 2  # Q + dO take 64 KB, a stage of K + V 64 KB: 3 would need 256 KB
 
@@ -57,12 +57,6 @@ if HAVE_GLUON:
     )
 
     from ._hopper_common import as_2d as _as_2d, cta_block_list as _cta_block_list, release as _release
-
-
-def hopper_dq_supported(q, k, v, do, block_q: int, block_kv: int, capability=None) -> bool:
-    """Whether :func:`hopper_dq` can run these inputs (else the Triton kernel does): see
-    :func:`._hopper_common.hopper_supported`. ``DIT_SPARSE_HOPPER_BWD=0`` turns it off."""
-    return hopper_supported((q, k, v, do), block_q, block_kv, "DIT_SPARSE_HOPPER_BWD", capability)
 
 
 if HAVE_GLUON:
@@ -235,7 +229,7 @@ def kernel_launch(q, k, v, do, lse, delta, dq, kv_counts, kv_indices, scale: flo
 
 
 def hopper_dq(q, k, v, do, lse, delta, kv_counts, kv_indices, scale: float):
-    """dQ of block-sparse attention on inputs :func:`hopper_dq_supported` accepted.
+    """dQ of block-sparse attention on inputs :func:`._hopper_common.hopper_bwd_supported` accepted.
 
     q, do ``[B, H, Sq, 128]``; k, v ``[B, H, Skv, 128]``; lse (natural log) and delta fp32 ``[B, H, Sq]``
     contiguous; kv_counts int32 ``[B|1, H|1, Mq]``, kv_indices int32 ``[B|1, H|1, Mq, Mk]`` (last dim

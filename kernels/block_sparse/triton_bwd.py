@@ -42,8 +42,9 @@ from ._common import (
     LOG2E, broadcast_strides, ensure_tma_allocator, interpreting, new_output, padded_head_dim, tma_eligible,
 )
 from ..sparse_linear.triton_common import row_tile
-from .hopper_dkdv import hopper_dkdv, hopper_dkdv_supported
-from .hopper_dq import hopper_dq, hopper_dq_supported
+from ._hopper_common import hopper_bwd_supported
+from .hopper_dkdv import hopper_dkdv
+from .hopper_dq import hopper_dq
 
 __all__ = ["block_sparse_bwd", "DkdvConfig", "DqConfig", "DKDV_TUNE_SPACE", "DQ_TUNE_SPACE"]
 
@@ -440,74 +441,73 @@ def block_sparse_bwd(
     qk_scale = scale * LOG2E
     common = dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_Q=block_q, BLOCK_KV=block_kv)
 
-    hopper_dkdv_ok = dkdv_config is None and hopper_dkdv_supported(q, k, v, do, block_q, block_kv)
-    if hopper_dkdv_ok:
+    hopper = hopper_bwd_supported(q, k, v, do, block_q, block_kv)  # both Gluon kernels take the same inputs
+    if dkdv_config is None and hopper:
         dk, dv = hopper_dkdv(q, k, v, do, lse, delta, q_counts, q_indices, scale)
     else:
         dk, dv = new_output(k), new_output(v)
-    if Skv and not hopper_dkdv_ok:
-        dkdv_tma_ok = Sq > 0 and tma_eligible(q, do)
-        if dkdv_tma_ok:
-            ensure_tma_allocator(q.device)
-        qcs, qis = broadcast_strides(q_counts), broadcast_strides(q_indices)
-        dkdv_args = (
-            q, k, v, do, lse, delta, dk, dv, q_counts, q_indices,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            qcs[0], qcs[1], qcs[2],
-            qis[0], qis[1], qis[2],
-            H, Sq, Skv, qk_scale, scale,
-        )
-        dkdv_meta = dict(common, EVEN_Q=Sq % block_q == 0, TMA_OK=dkdv_tma_ok)
-        mk = triton.cdiv(Skv, block_kv)
-        if dkdv_config is None and interpreting():
-            dkdv_config = DkdvConfig(block_kv, block_q, 4, 1, _interpret_tma())  # whole blocks: fewer steps
-        if dkdv_config is None:
-            grid = lambda meta: (mk * (block_kv // meta["BLOCK_N1"]), B * H)  # noqa: E731
-            _bwd_dkdv[grid](*dkdv_args, **dkdv_meta)
-        else:
-            cfg = DkdvConfig(*dkdv_config)
-            _bwd_dkdv.fn[(mk * (block_kv // cfg.block_n1), B * H)](
-                *dkdv_args, **dkdv_meta, BLOCK_N1=cfg.block_n1, BLOCK_M1=cfg.block_m1, USE_TMA=cfg.tma,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        if Skv:
+            dkdv_tma_ok = Sq > 0 and tma_eligible(q, do)
+            if dkdv_tma_ok:
+                ensure_tma_allocator(q.device)
+            qcs, qis = broadcast_strides(q_counts), broadcast_strides(q_indices)
+            dkdv_args = (
+                q, k, v, do, lse, delta, dk, dv, q_counts, q_indices,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                dk.stride(0), dk.stride(1), dk.stride(2),
+                dv.stride(0), dv.stride(1), dv.stride(2),
+                qcs[0], qcs[1], qcs[2],
+                qis[0], qis[1], qis[2],
+                H, Sq, Skv, qk_scale, scale,
             )
+            dkdv_meta = dict(common, EVEN_Q=Sq % block_q == 0, TMA_OK=dkdv_tma_ok)
+            mk = triton.cdiv(Skv, block_kv)
+            if dkdv_config is None and interpreting():
+                dkdv_config = DkdvConfig(block_kv, block_q, 4, 1, _interpret_tma())  # whole blocks: fewer steps
+            if dkdv_config is None:
+                grid = lambda meta: (mk * (block_kv // meta["BLOCK_N1"]), B * H)  # noqa: E731
+                _bwd_dkdv[grid](*dkdv_args, **dkdv_meta)
+            else:
+                cfg = DkdvConfig(*dkdv_config)
+                _bwd_dkdv.fn[(mk * (block_kv // cfg.block_n1), B * H)](
+                    *dkdv_args, **dkdv_meta, BLOCK_N1=cfg.block_n1, BLOCK_M1=cfg.block_m1, USE_TMA=cfg.tma,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                )
 
-    hopper_dq_ok = dq_config is None and hopper_dq_supported(q, k, v, do, block_q, block_kv)
-    if hopper_dq_ok:
+    if dq_config is None and hopper:
         dq = hopper_dq(q, k, v, do, lse, delta, kv_counts, kv_indices, scale)
     else:
         dq = new_output(q)
-    if Sq and not hopper_dq_ok:
-        dq_tma_ok = Skv > 0 and tma_eligible(k, v)
-        if dq_tma_ok:
-            ensure_tma_allocator(q.device)
-        kcs, kis = broadcast_strides(kv_counts), broadcast_strides(kv_indices)
-        dq_args = (
-            q, k, v, do, lse, delta, dq, kv_counts, kv_indices,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            kcs[0], kcs[1], kcs[2],
-            kis[0], kis[1], kis[2],
-            H, Sq, Skv, qk_scale, scale,
-        )
-        dq_meta = dict(common, EVEN_KV=Skv % block_kv == 0, TMA_OK=dq_tma_ok)
-        mq = triton.cdiv(Sq, block_q)
-        if dq_config is None and interpreting():
-            dq_config = DqConfig(block_q, block_kv, 4, 1, _interpret_tma())
-        if dq_config is None:
-            grid = lambda meta: (mq * (block_q // meta["BLOCK_M2"]), B * H)  # noqa: E731
-            _bwd_dq[grid](*dq_args, **dq_meta)
-        else:
-            cfg = DqConfig(*dq_config)
-            _bwd_dq.fn[(mq * (block_q // cfg.block_m2), B * H)](
-                *dq_args, **dq_meta, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, USE_TMA=cfg.tma,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        if Sq:
+            dq_tma_ok = Skv > 0 and tma_eligible(k, v)
+            if dq_tma_ok:
+                ensure_tma_allocator(q.device)
+            kcs, kis = broadcast_strides(kv_counts), broadcast_strides(kv_indices)
+            dq_args = (
+                q, k, v, do, lse, delta, dq, kv_counts, kv_indices,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                dq.stride(0), dq.stride(1), dq.stride(2),
+                kcs[0], kcs[1], kcs[2],
+                kis[0], kis[1], kis[2],
+                H, Sq, Skv, qk_scale, scale,
             )
+            dq_meta = dict(common, EVEN_KV=Skv % block_kv == 0, TMA_OK=dq_tma_ok)
+            mq = triton.cdiv(Sq, block_q)
+            if dq_config is None and interpreting():
+                dq_config = DqConfig(block_q, block_kv, 4, 1, _interpret_tma())
+            if dq_config is None:
+                grid = lambda meta: (mq * (block_q // meta["BLOCK_M2"]), B * H)  # noqa: E731
+                _bwd_dq[grid](*dq_args, **dq_meta)
+            else:
+                cfg = DqConfig(*dq_config)
+                _bwd_dq.fn[(mq * (block_q // cfg.block_m2), B * H)](
+                    *dq_args, **dq_meta, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, USE_TMA=cfg.tma,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                )
     return dq, dk, dv

@@ -18,6 +18,7 @@ import torch
 from dit_sparse.block_layout import BlockLayout
 from dit_sparse.kernels.block_sparse import block_sparse_attention, block_sparse_attention_reference
 from dit_sparse.kernels.block_sparse import _common, hopper_dkdv, hopper_dq, triton_bwd
+from dit_sparse.kernels.block_sparse._hopper_common import hopper_bwd_supported
 from dit_sparse.kernels.block_sparse.layout_ops import transpose_layout_tensors
 
 from _hopper_helpers import SMEM_LIMIT, compile_for_sm90, needs_gluon, needs_hopper
@@ -28,7 +29,7 @@ from _hopper_helpers import qkv, random_keep
 def test_supported_inputs(no_interpreter, monkeypatch):
     q, k, v, do = qkv(1, 2, 300, 260, n=4)
     ok = dict(block_q=128, block_kv=128, capability=(9, 0))
-    supported = hopper_dkdv.hopper_dkdv_supported
+    supported = hopper_bwd_supported  # the dK/dV and the dQ kernel take the same inputs
     assert supported(q, k, v, do, **ok)
     assert supported(*qkv(2, 3, 200, 200, bshd=True, n=4), **ok)
     assert supported(*qkv(1, 2, 64, 64, dtype=torch.float16, n=4), **ok)
@@ -46,11 +47,8 @@ def test_supported_inputs(no_interpreter, monkeypatch):
     broadcast = torch.randn(128, dtype=torch.bfloat16).expand_as(do)
     assert not supported(q, k, v, broadcast, **ok)
     assert not supported(q, k, v, do, block_q=128, block_kv=128)  # CPU tensors
-    assert hopper_dq.hopper_dq_supported(q, k, v, do, **ok)  # the dQ kernel takes the same inputs
-    assert not hopper_dq.hopper_dq_supported(q, k, v, odd, **ok)
     monkeypatch.setenv("DIT_SPARSE_HOPPER_BWD", "0")
     assert not supported(q, k, v, do, **ok)
-    assert not hopper_dq.hopper_dq_supported(q, k, v, do, **ok)
     monkeypatch.setenv("DIT_SPARSE_HOPPER_BWD", "1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not supported(q, k, v, do, **ok)
@@ -94,9 +92,8 @@ def test_backward_launcher_hands_the_hopper_kernels_their_jobs(monkeypatch):
         calls["dq"].append(args)
         return torch.full_like(q, 0.5)
 
-    monkeypatch.setattr(triton_bwd, "hopper_dkdv_supported", lambda *a: True)
+    monkeypatch.setattr(triton_bwd, "hopper_bwd_supported", lambda *a: True)
     monkeypatch.setattr(triton_bwd, "hopper_dkdv", fake_dkdv)
-    monkeypatch.setattr(triton_bwd, "hopper_dq_supported", lambda *a: True)
     monkeypatch.setattr(triton_bwd, "hopper_dq", fake_dq)
     args = (do, None, q, k, v, o, lse, layout.kv_counts, layout.kv_indices, q_counts, q_indices, 0.125, 128, 128)
     dq, dk, dv = triton_bwd.block_sparse_bwd(*args)
@@ -189,7 +186,7 @@ def test_public_api_gradients_match_the_triton_kernels(monkeypatch):
     keep = random_keep(B, H, 8, 8, 0.5, seed=3) | torch.eye(8, dtype=torch.bool)
     layout = BlockLayout.from_block_mask_tensor(keep.cuda(), S, S, 128, 128)
     g = torch.randn(B, H, S, 128, device="cuda", dtype=torch.bfloat16)
-    assert hopper_dkdv.hopper_dkdv_supported(q, k, v, g, 128, 128)
+    assert hopper_bwd_supported(q, k, v, g, 128, 128)
     grads = torch.autograd.grad(block_sparse_attention(q, k, v, layout), (q, k, v), g)
     monkeypatch.setenv("DIT_SPARSE_HOPPER_BWD", "0")
     triton_grads = torch.autograd.grad(block_sparse_attention(q, k, v, layout), (q, k, v), g)
