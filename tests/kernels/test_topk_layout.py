@@ -53,7 +53,7 @@ def ref_logits(q, k, bq, bkv, scale=None, threshold_rule=False):
 
 def assert_well_formed(counts, indices, mk):
     assert counts.dtype == indices.dtype == torch.int32 and indices.shape[-1] == mk
-    slots = torch.arange(mk)
+    slots = torch.arange(mk, device=counts.device)
     live = slots < counts[..., None]
     assert ((counts >= 1) & (counts <= mk)).all()
     assert (indices[~live] == 0).all(), "padding slots must be 0"
@@ -222,6 +222,34 @@ def test_non_contiguous_inputs_of_different_dtypes():
     got = topk_layout(q, k, 8, 4, ratio=0.4)
     n_floor = math.ceil(0.4 * 12)
     assert_same_selection(got, torch_path(q, k, 8, 4, ratio=0.4), ref_logits(q, k, 8, 4), n_floor)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(s=st.integers(1, 90), bkv=st.sampled_from([1, 2, 4]), ratio=st.floats(0.01, 1.0),
+       levels=st.sampled_from([2, 5, 0]), magnitude=st.sampled_from([1e-3, 1.0, 1e4]), seed=st.integers(0, 99))
+def test_ratio_select_by_bisection_equals_the_sort(s, bkv, ratio, levels, magnitude, seed):
+    """The ratio rule's n-th largest score by bisection over the int32 order images keeps exactly the blocks
+    the bitonic sort keeps: negative, tiny and huge scores, and many exact ties (levels > 0: integer-valued
+    inputs with that many distinct values)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (magnitude * torch.randn(1, 2, s, 8, generator=g) for _ in range(2))
+    if levels:
+        q, k = q.sign(), torch.randint(-levels, levels + 1, (1, 2, s, 8), generator=g).float()
+    q, k = q.to(DEVICE), k.to(DEVICE)
+    q_t, k_t = fused.pool_qk_triton(q, k, 4, bkv)
+    mk = k_t.shape[-1]
+    n_floor, _ = rule_args(ratio, None, 1, mk)
+    for out_mask in (False, True):
+        got = fused.topk_select_triton(q_t, k_t, s, bkv, 0.3, n_floor, None, out_mask, ratio_select="bisect")
+        want = fused.topk_select_triton(q_t, k_t, s, bkv, 0.3, n_floor, None, out_mask, ratio_select="sort")
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="ratio_select"):
+        fused.topk_select_triton(q_t, k_t, s, bkv, 0.3, n_floor, None, ratio_select="heap")
+
+
+def test_ratio_select_method_by_row_width():
+    assert fused.ratio_select_method(256) == "sort" and fused.ratio_select_method(fused.BISECT_MIN_LANES) == "bisect"
+    assert fused.ratio_select_method(4096) == "bisect"
 
 
 def test_every_output_written(monkeypatch):
