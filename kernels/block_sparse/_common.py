@@ -6,6 +6,8 @@ Kept apart from the kernels so the public API can validate inputs without import
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 
 import torch
@@ -36,6 +38,39 @@ def new_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     if shape is None:
         return torch.empty_like(like, dtype=dtype)
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_optin(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin)
+
+
+def shared_memory_limit(t: torch.Tensor) -> int | None:
+    """Bytes of shared memory one program may use on ``t``'s GPU (the opt-in maximum: 227 KB on Hopper,
+    163 KB on A100, 99 KB on Ada); None off CUDA (the interpreter has no limit)."""
+    if t.device.type != "cuda":
+        return None
+    return _smem_optin(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def fit_shared_memory(config, usage, limit: int | None, shrink: str | None = None):
+    """``config`` (a ``triton.Config``) made to fit ``limit`` bytes of shared memory by the estimate
+    ``usage(kwargs, num_stages)``: fewer stages first (not below 1), then, if ``shrink`` names a tile
+    dimension, that tile halved (not below 16) at 1 stage. The software pipeline keeps a buffer of the
+    streamed tiles per stage, so stages cost the most (on an H200 an fp32 forward at head dim 96 with
+    128-key tiles and 3 stages asked for 426 KB). The same object if it fits or ``limit`` is None; a config
+    that cannot be made to fit is returned as small as it got (the launch then reports the shortage)."""
+    kwargs, stages = dict(config.kwargs), config.num_stages
+    if limit is not None:
+        while stages > 1 and usage(kwargs, stages) > limit:
+            stages -= 1
+        while shrink is not None and kwargs[shrink] > 16 and usage(kwargs, stages) > limit:
+            kwargs[shrink] //= 2
+    if stages == config.num_stages and kwargs == config.kwargs:
+        return config
+    fitted = copy.copy(config)
+    fitted.kwargs, fitted.num_stages = kwargs, stages
+    return fitted
 
 
 def broadcast_strides(t: torch.Tensor) -> tuple[int, ...]:

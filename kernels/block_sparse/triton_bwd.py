@@ -31,6 +31,7 @@ makes their contributions vanish without masking the interior blocks.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -39,7 +40,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    LOG2E, broadcast_strides, ensure_tma_allocator, interpreting, new_output, padded_head_dim, tma_eligible,
+    LOG2E, broadcast_strides, ensure_tma_allocator, fit_shared_memory, interpreting, new_output, padded_head_dim,
+    shared_memory_limit, tma_eligible,
 )
 from ..sparse_linear.triton_common import row_tile
 from ._hopper_common import hopper_bwd_supported
@@ -115,7 +117,10 @@ def _prune_dkdv(configs, named_args, **kwargs):
             and (tma_ok or not c.kwargs["USE_TMA"])]
     if not kept:
         raise ValueError(f"no dK/dV config fits block_q={bq}, block_kv={bkv}; add one to the config list")
-    return kept
+    q = named_args["Q"]
+    usage = functools.partial(dkdv_shared_memory, row=kwargs["HEAD_DIM_PAD"] * q.element_size(),
+                              elem=q.element_size())
+    return [fit_shared_memory(c, usage, shared_memory_limit(q), shrink="BLOCK_M1") for c in kept]
 
 
 def _prune_dq(configs, named_args, **kwargs):
@@ -125,7 +130,25 @@ def _prune_dq(configs, named_args, **kwargs):
             and (tma_ok or not c.kwargs["USE_TMA"])]
     if not kept:
         raise ValueError(f"no dQ config fits block_q={bq}, block_kv={bkv}; add one to the config list")
-    return kept
+    q = named_args["Q"]
+    usage = functools.partial(dq_shared_memory, row=kwargs["HEAD_DIM_PAD"] * q.element_size(), elem=q.element_size())
+    return [fit_shared_memory(c, usage, shared_memory_limit(q), shrink="BLOCK_N2") for c in kept]
+
+
+# Shared-memory estimates of the two backward kernels (``row``: bytes of one padded head-dim row, ``elem``:
+# bytes per input element), fitted to what the kernels compiled for sm_90 ask (``tests/kernels/
+# _triton_sm90_smem.py``, head dim 128): never below it for fp32 / bf16 / fp16, exact or up to 32 KB above.
+def dkdv_shared_memory(kw: dict, stages: int, row: int, elem: int) -> int:
+    """Q and dO tiles per stage; K and V; fp32 inputs need another Q + dO's worth (e.g. 256 KB at 1 stage
+    with 64-query steps, 192 KB with 32)."""
+    bm, bn = kw["BLOCK_M1"], kw["BLOCK_N1"]
+    return stages * 2 * bm * row + 2 * bn * row + 2 * bm * row * (2 if elem >= 4 else 1)
+
+
+def dq_shared_memory(kw: dict, stages: int, row: int, elem: int) -> int:
+    """K and V tiles per stage; Q and dO; fp32 inputs also an fp32 [BLOCK_M2, BLOCK_N2] tile."""
+    bm, bn = kw["BLOCK_M2"], kw["BLOCK_N2"]
+    return stages * 2 * bn * row + 2 * bm * row + (bm * bn * 4 if elem >= 4 else 0)
 
 
 @triton.jit

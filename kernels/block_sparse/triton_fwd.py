@@ -21,6 +21,7 @@ Compile-time variants:
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -29,7 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    LOG2E, broadcast_strides, ensure_tma_allocator, interpreting, new_output, padded_head_dim, tma_eligible,
+    LOG2E, broadcast_strides, ensure_tma_allocator, fit_shared_memory, interpreting, new_output, padded_head_dim,
+    shared_memory_limit, tma_eligible,
 )
 from ..sparse_linear.triton_common import linear_rows
 from .layout_ops import full_rows_hint
@@ -95,7 +97,17 @@ def _prune(configs, named_args, **kwargs):
         kept = [c for c in configs if c.kwargs["BLOCK_N"] == block_kv and not c.kwargs["USE_TMA"]]
     if not kept:
         raise ValueError(f"no forward config has BLOCK_N == block_kv={block_kv}; add one to the config list")
-    return kept
+    q = named_args["Q"]
+    row = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD")) * q.element_size()
+    usage = functools.partial(fwd_shared_memory, row=row, block_m=kwargs.get("BLOCK_M", named_args.get("BLOCK_M")))
+    return [fit_shared_memory(c, usage, shared_memory_limit(q)) for c in kept]
+
+
+def fwd_shared_memory(kw: dict, stages: int, row: int, block_m: int) -> int:
+    """Shared memory of a forward config (``row``: bytes of one padded head-dim row): a K and a V tile per
+    stage plus the Q tile - what the kernel compiled for sm_90 asks, exactly, for fp32 and bf16 at head
+    dim 128 (``tests/kernels/_triton_sm90_smem.py``)."""
+    return stages * 2 * kw["BLOCK_N"] * row + block_m * row
 
 
 @triton.jit

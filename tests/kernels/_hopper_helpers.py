@@ -1,5 +1,6 @@
 """What the tests of the Hopper Gluon kernels share: inputs, a random layout with the awkward cases, the
-sm_90 compile check (run in a process of its own), and the markers."""
+sm_90 compile checks (run in a process of their own; also the portable Triton kernels' shared memory),
+and the markers."""
 
 from __future__ import annotations
 
@@ -48,6 +49,17 @@ def compile_for_sm90(kernel: str, num_stages: int, skv: int, bshd: bool, dtype: 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(Path(__file__).with_name("_hopper_sm90_compile.py")), kernel, str(num_stages),
            str(skv), str(int(bshd)), str(dtype).removeprefix("torch.")]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def triton_sm90_smem(dtype: str, head_dim: int, block_q: int, block_kv: int, limit: int) -> dict:
+    """``_triton_sm90_smem.py``'s report: shared memory of every config the Triton kernels' pruners keep
+    for this launch, compiled for sm_90 (in a process of its own, as :func:`compile_for_sm90`)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(Path(__file__).with_name("_triton_sm90_smem.py")), dtype, str(head_dim),
+           str(block_q), str(block_kv), str(limit)]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])

@@ -23,6 +23,8 @@ from dit_sparse.kernels.block_sparse._common import tma_eligible
 from dit_sparse.kernels.block_sparse.function import block_sparse_fwd_op
 from dit_sparse.kernels.block_sparse.layout_ops import cached_transpose, transpose_layout_tensors
 
+from _hopper_helpers import SMEM_LIMIT, triton_sm90_smem
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -303,18 +305,31 @@ def test_autotuned_first_call_is_correct(monkeypatch):
         assert_close(f"autotuned {name}", r, a, tol32(1e-4))
 
 
+def pruned_gpu_configs(dtype, bq, bkv, tma_ok, limit=...):
+    """The GPU config lists as the three autotuners prune them for inputs of ``dtype`` at head dim 128
+    (``limit``: shared memory to report instead of the patched / real ``shared_memory_limit``)."""
+    if limit is not ...:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(triton_fwd, "shared_memory_limit", lambda t: limit)
+            m.setattr(triton_bwd, "shared_memory_limit", lambda t: limit)
+            return pruned_gpu_configs(dtype, bq, bkv, tma_ok)
+    q = torch.empty(0, dtype=dtype)
+    fwd = triton_fwd._prune([triton_fwd._to_triton(c) for c in triton_fwd._FWD_GPU_CONFIGS], {"Q": q},
+                            BLOCK_KV=bkv, TMA_OK=tma_ok, HEAD_DIM_PAD=128, BLOCK_M=bq)
+    meta = dict(BLOCK_Q=bq, BLOCK_KV=bkv, TMA_OK=tma_ok, HEAD_DIM_PAD=128)
+    dkdv = triton_bwd._prune_dkdv([triton_bwd._dkdv_triton(c) for c in triton_bwd._DKDV_GPU_CONFIGS], {"Q": q},
+                                  **meta)
+    dq = triton_bwd._prune_dq([triton_bwd._dq_triton(c) for c in triton_bwd._DQ_GPU_CONFIGS], {"Q": q}, **meta)
+    return fwd, dkdv, dq
+
+
 @pytest.mark.parametrize("bq,bkv,tma_ok", [(bq, bkv, t) for bq in (64, 128) for bkv in (64, 128)
                                            for t in (False, True)])
 def test_gpu_config_lists_cover_every_layout_block(bq, bkv, tma_ok):
     """The GPU autotuners (not used under the interpreter) keep, for every supported block size, configs whose
     tiles divide the layout blocks, TMA ones only where allowed; the forward keeps exactly one."""
-    fwd = triton_fwd._prune([triton_fwd._to_triton(c) for c in triton_fwd._FWD_GPU_CONFIGS], {},
-                            BLOCK_KV=bkv, TMA_OK=tma_ok)
+    fwd, dkdv, dq = pruned_gpu_configs(torch.bfloat16, bq, bkv, tma_ok)
     assert len(fwd) == 1 and fwd[0].kwargs["BLOCK_N"] == bkv and fwd[0].kwargs["USE_TMA"] == tma_ok
-    dkdv = triton_bwd._prune_dkdv([triton_bwd._dkdv_triton(c) for c in triton_bwd._DKDV_GPU_CONFIGS], {},
-                                  BLOCK_Q=bq, BLOCK_KV=bkv, TMA_OK=tma_ok)
-    dq = triton_bwd._prune_dq([triton_bwd._dq_triton(c) for c in triton_bwd._DQ_GPU_CONFIGS], {},
-                              BLOCK_Q=bq, BLOCK_KV=bkv, TMA_OK=tma_ok)
     assert dkdv and dq
     for c in dkdv:
         assert c.kwargs["BLOCK_N1"] == bkv and bq % c.kwargs["BLOCK_M1"] == 0
@@ -327,9 +342,55 @@ def test_gpu_config_lists_cover_every_layout_block(bq, bkv, tma_ok):
 def test_prune_without_fitting_config_raises():
     cfgs = [triton_fwd._to_triton(c) for c in triton_fwd._FWD_GPU_CONFIGS]
     with pytest.raises(ValueError, match="block_kv=32"):
-        triton_fwd._prune(cfgs, {}, BLOCK_KV=32, TMA_OK=False)
+        triton_fwd._prune(cfgs, {"Q": torch.empty(0)}, BLOCK_KV=32, TMA_OK=False, HEAD_DIM_PAD=128, BLOCK_M=64)
 
 
+@pytest.mark.parametrize("limit", [232448, 166912, 101376])  # opt-in shared memory: H100/H200, A100, Ada
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_configs_fit_shared_memory(monkeypatch, limit, dtype):
+    """The pruners fit each config to the GPU's shared memory by the kernels' estimates: fewer stages, then
+    (backward) smaller streamed tiles. The H200 ran out with fp32 inputs at head dim 96 and 128-blocks
+    (forward 426 KB with 3 stages, dK/dV 256 KB at 1 stage); the bf16 configs measured there stay as they
+    are. test_triton_configs_compiled_for_sm90_fit checks the estimates against the compiler."""
+    monkeypatch.setattr(triton_fwd, "shared_memory_limit", lambda t: limit)
+    monkeypatch.setattr(triton_bwd, "shared_memory_limit", lambda t: limit)
+    el = torch.empty(0, dtype=dtype).element_size()
+    row = 128 * el  # head dim 96 and 128 both run 128 wide
+    for bq in (64, 128):
+        for bkv in (64, 128):
+            fwd, dkdv, dq = pruned_gpu_configs(dtype, bq, bkv, True)
+            used = [triton_fwd.fwd_shared_memory(c.kwargs, c.num_stages, row, bq) for c in fwd]
+            used += [triton_bwd.dkdv_shared_memory(c.kwargs, c.num_stages, row, el) for c in dkdv]
+            used += [triton_bwd.dq_shared_memory(c.kwargs, c.num_stages, row, el) for c in dq]
+            smallest = [c.num_stages == 1 for c in fwd]  # what cannot fit is as small as it gets
+            smallest += [c.num_stages == 1 and c.kwargs["BLOCK_M1"] == 16 for c in dkdv]
+            smallest += [c.num_stages == 1 and c.kwargs["BLOCK_N2"] == 16 for c in dq]
+            assert all(u <= limit or s for u, s in zip(used, smallest)), (bq, bkv, used)
+            if dtype == torch.bfloat16 or limit == 232448:  # everything fits there
+                assert all(u <= limit for u in used), (bq, bkv, used)
+            for c in dkdv:  # still tiles that divide the layout blocks
+                assert c.kwargs["BLOCK_N1"] == bkv and bq % c.kwargs["BLOCK_M1"] == 0
+            for c in dq:
+                assert c.kwargs["BLOCK_M2"] == bq and bkv % c.kwargs["BLOCK_N2"] == 0
+            if limit == 232448 and dtype == torch.bfloat16:  # as measured: nothing changed
+                assert [c.num_stages for c in fwd] == [3]
+                assert [(c.kwargs, c.num_stages) for c in dkdv + dq] == [
+                    (c.kwargs, c.num_stages) for c in pruned_gpu_configs(dtype, bq, bkv, True, limit=None)[1:]
+                    for c in c]
+    if limit == 232448 and dtype == torch.float32:
+        fwd, dkdv, _ = pruned_gpu_configs(dtype, 64, 128, True)
+        assert fwd[0].num_stages == 1 and [c.kwargs["BLOCK_M1"] for c in dkdv] == [32]
+    # off CUDA (the interpreter) nothing is limited
+    assert pruned_gpu_configs(torch.float32, 64, 128, True, limit=None)[0][0].num_stages == 3
+
+
+@pytest.mark.parametrize("block_q", [64, 128])
+def test_triton_configs_compiled_for_sm90_fit(block_q):
+    """The fp32 configs the pruners keep at 227 KB (H100 / H200), compiled for sm_90 without a GPU (TMA and
+    pointer loads), ask for at most that much shared memory."""
+    out = triton_sm90_smem("float32", 96, block_q, 128, SMEM_LIMIT)
+    assert {name.split()[0] for name in out} == {"fwd", "dkdv", "dq"}
+    assert all(v <= SMEM_LIMIT for v in out.values()), out
 @needs_triton
 def test_tma_config_on_unaligned_tensors_takes_pointer_path():
     """Tensors TMA cannot address (base not 16-byte aligned) run a TMA config through pointers, correctly."""

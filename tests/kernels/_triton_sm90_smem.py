@@ -1,0 +1,93 @@
+"""Shared memory of the portable Triton block-sparse kernels compiled for sm_90, on a machine without a GPU.
+
+    python _triton_sm90_smem.py DTYPE HEAD_DIM BLOCK_Q BLOCK_KV LIMIT
+
+Runs the launchers (``triton_fwd.block_sparse_fwd``, ``triton_bwd.block_sparse_bwd``) on CPU tensors with
+their kernels replaced by recorders, prunes each autotuner's GPU configs for the recorded launch as the
+autotuner would (``shared_memory_limit`` reporting LIMIT bytes), compiles every kept config for sm_90
+through ``triton.compile`` (with and without TMA loads) and prints, as the last stdout line, JSON: per
+kernel and config, the shared memory the compiled kernel asks for. Needs TRITON_INTERPRET unset (the test
+that calls it runs it in a process of its own for that reason).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+
+from dit_sparse.kernels.block_sparse import triton_bwd, triton_fwd
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+class Recorder:
+    """Stands in for an autotuned kernel: ``kernel[grid](*args, **meta)`` records the launch."""
+
+    def __init__(self, name, kernel, launches):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append((self.name, self.kernel, args, meta))
+
+
+def compile_sm90(kernel, args, meta, config):
+    """``kernel``'s JIT function compiled for sm_90 with these launch arguments and this config."""
+    fn = kernel.fn
+    backend = CUDABackend(TARGET)
+    const_names = [p.name for p in fn.params if p.is_constexpr]
+    positional = [n for n in fn.arg_names if n not in const_names]
+    assert len(positional) == len(args), (positional, len(args))
+    signature, attrs, constants = {}, {}, {}
+    for name, arg in zip(positional, args):
+        ty, key = native_specialize_impl(CUDABackend, arg, False, True, True)
+        signature[name] = ty
+        if ty == "constexpr":
+            constants[name] = arg
+        if isinstance(key, str):
+            attrs[(fn.arg_names.index(name),)] = backend.parse_attr(key)
+    for name in const_names:
+        signature[name] = "constexpr"
+        constants[name] = {**meta, **config.kwargs}[name]
+    src = ASTSource(fn, signature, constants, attrs)
+    return triton.compile(src, target=TARGET,
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+def main(dtype: torch.dtype, head_dim: int, block_q: int, block_kv: int, limit: int) -> dict:
+    B, H, S = 1, 2, 300
+    q, k, v, do = (torch.randn(B, H, S, head_dim).to(dtype) for _ in range(4))
+    mq, mk = triton.cdiv(S, block_q), triton.cdiv(S, block_kv)
+    counts = torch.full((1, H, mq), mk, dtype=torch.int32)
+    idx = torch.arange(mk, dtype=torch.int32).expand(1, H, mq, mk).contiguous()
+    q_counts = torch.full((1, H, mk), mq, dtype=torch.int32)
+    q_idx = torch.arange(mq, dtype=torch.int32).expand(1, H, mk, mq).contiguous()
+    launches = []
+    triton_fwd._block_sparse_fwd_kernel = Recorder("fwd", triton_fwd._block_sparse_fwd_kernel, launches)
+    triton_bwd._bwd_preprocess = Recorder("preprocess", None, [])
+    triton_bwd._bwd_dkdv = Recorder("dkdv", triton_bwd._bwd_dkdv, launches)
+    triton_bwd._bwd_dq = Recorder("dq", triton_bwd._bwd_dq, launches)
+    for module in (triton_fwd, triton_bwd):
+        module.shared_memory_limit = lambda t: limit
+    o, lse = triton_fwd.block_sparse_fwd(q, k, v, counts, idx, head_dim ** -0.5, block_q, block_kv, full_rows=False)
+    triton_bwd.block_sparse_bwd(do, None, q, k, v, o, lse, counts, idx, q_counts, q_idx, head_dim ** -0.5,
+                                block_q, block_kv)
+    out = {}
+    for name, kernel, args, meta in launches:
+        for tma in (False, True):
+            meta = dict(meta, TMA_OK=tma)
+            for config in kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)), **meta):
+                compiled = compile_sm90(kernel, args, meta, config)
+                out[f"{name} {config}"] = compiled.metadata.shared
+    return out
+
+
+if __name__ == "__main__":
+    dt, d, bq, bkv, lim = sys.argv[1:6]
+    print(json.dumps(main(getattr(torch, dt), int(d), int(bq), int(bkv), int(lim))))
