@@ -28,7 +28,9 @@ The output tile is staged in the query buffer (each consumer overwrites only its
 Measured on an H200 (bf16, Wan-480p B1 H12 S=32760 D128, random 128-blocks, 2026-11-30, against cuDNN
 dense in the same run; effective rate = cuDNN time x density / time): 0.96 / 0.97 / 1.04 at 5 / 10 / 25%
 with 3 stages, against 0.69 / 0.76 / 0.80 for the Triton kernel; at 100% 2 stages reach 1.06 (3 stages
-0.95, the Triton kernel 0.90) - so a layout known to be dense (``full_rows_hint``) runs 2 stages. A
+0.95, the Triton kernel 0.90) - so a layout known to be dense (``full_rows_hint``) runs 2 stages. A later
+run timing both depths on the same layouts found 2 stages faster also for sparse layouts at Wan-480p,
+whose K / V per head fit in the L2, and 3 faster at Hunyuan-720p, whose do not (:func:`num_stages`). A
 single 8-warp consumer ("ws1") reached only 0.77 / 0.82 / 0.84 / 0.86 and was dropped. Through the public
 API in ``scripts/bench_kernels.py`` (its layouts, Wan-480p and Hunyuan-720p, 5 to 100%): 0.88-1.07
 (``benchmarks/kernels.md``).
@@ -44,11 +46,29 @@ from ._hopper_common import (
     tma_descriptor,
 )
 
-__all__ = ["hopper_fwd_supported", "hopper_block_sparse_fwd", "kernel_launch"]
+__all__ = ["hopper_fwd_supported", "hopper_block_sparse_fwd", "kernel_launch", "num_stages"]
 
 NUM_CONSUMERS = 2
 STAGES_SPARSE = 3
 STAGES_DENSE = 2
+# A sparse layout whose K + V of one (batch, head) take at most this fraction of the L2 runs STAGES_DENSE.
+L2_RESIDENT_FRACTION = 0.5
+
+
+def num_stages(k: torch.Tensor, full_rows: bool, l2_bytes: int | None = None) -> int:
+    """Depth of the K / V ring: 2 stages for a layout known to be dense, and for a sparse one whose K and V
+    of one (batch, head) fit in half the L2 (the programs of a wave work on one or two heads, so their
+    key-block reads mostly hit L2 there and a third stage only costs); 3 where they stream from HBM.
+
+    H200 (50 MB L2), bf16, random 128-blocks, one run (2026-11-30): Wan-480p (16.8 MB of K + V per head)
+    2 stages 0.62 / 1.24 / 2.80 ms against 3 stages 0.68 / 1.30 / 3.06 at 5 / 10 / 25%; Hunyuan-720p
+    (60.8 MB per head) 3 stages 16.0 / 31.4 / 77.2 against 16.2 / 33.7 / 78.3."""
+    if full_rows:
+        return STAGES_DENSE
+    if l2_bytes is None:
+        l2_bytes = torch.cuda.get_device_properties(k.device).L2_cache_size
+    per_head = 2 * k.shape[2] * k.shape[3] * k.element_size()
+    return STAGES_DENSE if per_head <= L2_RESIDENT_FRACTION * l2_bytes else STAGES_SPARSE
 
 if HAVE_GLUON:
     import triton
@@ -283,13 +303,13 @@ def hopper_block_sparse_fwd(q, k, v, kv_counts, kv_indices, scale: float, full_r
 
     ``kv_counts`` int32 ``[B|1, H|1, Mq]``, ``kv_indices`` int32 ``[B|1, H|1, Mq, Mk]`` (last dim contiguous;
     the first ``kv_counts`` entries of a row in any order). ``full_rows`` (every row keeps every key block)
-    picks the 2-stage ring, faster there. Returns ``o`` (q's dtype and, where dense, its strides) and the
+    picks the 2-stage ring, faster there (as on a sparse layout whose K / V stay in L2: :func:`num_stages`).
+    Returns ``o`` (q's dtype and, where dense, its strides) and the
     natural-log ``lse`` fp32 ``[B, H, Sq]`` (-inf and o = 0 for a query block without key blocks).
     """
     B, H, Sq, _ = q.shape
     o = new_output(q)
     lse = new_output(q, (B, H, Sq), torch.float32)
-    stages = STAGES_DENSE if full_rows else STAGES_SPARSE
-    grid, args, kwargs = kernel_launch(q, k, v, o, lse, kv_counts, kv_indices, scale, stages)
+    grid, args, kwargs = kernel_launch(q, k, v, o, lse, kv_counts, kv_indices, scale, num_stages(k, full_rows))
     _hopper_fwd_kernel[grid](*args, **kwargs)
     return o, lse
