@@ -481,6 +481,16 @@ class PatternCache:
 
 
 def _mean_density(layout: BlockLayout) -> torch.Tensor:
+    """``layout.density().mean()`` (0-dim fp32, on the layout's device), recorded for every build: one
+    launch where Triton runs (``kernels/block_sparse/layout_density.py``), else :func:`mean_density_torch`."""
+    try:
+        from .kernels.block_sparse.layout_density import mean_density
+    except ImportError:  # no Triton
+        return mean_density_torch(layout)
+    return mean_density(layout)
+
+
+def mean_density_torch(layout: BlockLayout) -> torch.Tensor:
     """``layout.density().mean()`` (0-dim fp32, on the layout's device) from the kept-block counts.
 
     Every kept key block has ``block_kv`` tokens except the tail block, which is kept by a row iff the

@@ -357,9 +357,20 @@ def test_build_density_from_counts_matches_layout_density():
             layout = BlockLayout.from_block_mask_tensor(mask, q_len, kv_len, bq, bkv)
             broadcast = BlockLayout.from_block_mask_tensor(mask[:1, :1], q_len, kv_len, bq, bkv)
             for lay in (layout, layout.expand(b, h), broadcast):
-                got = cache_mod._mean_density(lay)
-                assert got.dtype == torch.float32 and got.dim() == 0
-                assert float(got) == pytest.approx(float(lay.density().mean()), rel=1e-6, abs=1e-7)
+                want = float(lay.density().mean())
+                for got in (cache_mod._mean_density(lay), cache_mod.mean_density_torch(lay), *triton_density(lay)):
+                    assert got.dtype == torch.float32 and got.dim() == 0
+                    assert float(got) == pytest.approx(want, rel=1e-6, abs=1e-7)
+
+
+def triton_density(layout):
+    """The one-launch density (``kernels/block_sparse/layout_density.py``), where Triton runs: on CUDA, or
+    under the interpreter on CPU tensors; nothing otherwise."""
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return ()
+    from dit_sparse.kernels.block_sparse.layout_density import mean_density_triton
+
+    return (mean_density_triton(layout.to("cuda" if torch.cuda.is_available() else "cpu")),)
 
 
 def test_fingerprint_memo_keeps_keys_of_equal_value_but_other_types_apart():
