@@ -36,7 +36,7 @@ def _kept_pairs_kernel(
 ):
     kept = tl.zeros([BLOCK], dtype=tl.int64)
     for start in range(0, rows, BLOCK):
-        r = start + tl.arange(0, BLOCK)
+        r = (start + tl.arange(0, BLOCK)).to(tl.int64)  # offsets below reach B*H*Mq*Mk
         live = r < rows
         m = r % Mq
         bh = r // Mq

@@ -54,12 +54,12 @@ def compile_for_sm90(kernel: str, num_stages: int, skv: int, bshd: bool, dtype: 
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def triton_sm90_smem(dtype: str, head_dim: int, block_q: int, block_kv: int, limit: int) -> dict:
-    """``_triton_sm90_smem.py``'s report: shared memory of every config the Triton kernels' pruners keep
-    for this launch, compiled for sm_90 (in a process of its own, as :func:`compile_for_sm90`)."""
+def triton_sm90_smem(*args) -> dict:
+    """``_triton_sm90_smem.py``'s report for ``DTYPE HEAD_DIM BLOCK_Q BLOCK_KV LIMIT`` (shared memory of every
+    config the Triton kernels' pruners keep for this launch) or ``density``, compiled for sm_90 (in a
+    process of its own, as :func:`compile_for_sm90`)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(Path(__file__).with_name("_triton_sm90_smem.py")), dtype, str(head_dim),
-           str(block_q), str(block_kv), str(limit)]
+    cmd = [sys.executable, str(Path(__file__).with_name("_triton_sm90_smem.py")), *map(str, args)]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])

@@ -1,12 +1,14 @@
 """Shared memory of the portable Triton block-sparse kernels compiled for sm_90, on a machine without a GPU.
 
     python _triton_sm90_smem.py DTYPE HEAD_DIM BLOCK_Q BLOCK_KV LIMIT
+    python _triton_sm90_smem.py density
 
 Runs the launchers (``triton_fwd.block_sparse_fwd``, ``triton_bwd.block_sparse_bwd``) on CPU tensors with
 their kernels replaced by recorders, prunes each autotuner's GPU configs for the recorded launch as the
 autotuner would (``shared_memory_limit`` reporting LIMIT bytes), compiles every kept config for sm_90
 through ``triton.compile`` (with and without TMA loads) and prints, as the last stdout line, JSON: per
-kernel and config, the shared memory the compiled kernel asks for. Needs TRITON_INTERPRET unset (the test
+kernel and config, the shared memory the compiled kernel asks for. ``density`` compiles the pattern cache's
+layout-density kernel the same way. Needs TRITON_INTERPRET unset (the test
 that calls it runs it in a process of its own for that reason).
 """
 
@@ -37,9 +39,8 @@ class Recorder:
         return lambda *args, **meta: self.launches.append((self.name, self.kernel, args, meta))
 
 
-def compile_sm90(kernel, args, meta, config):
-    """``kernel``'s JIT function compiled for sm_90 with these launch arguments and this config."""
-    fn = kernel.fn
+def compile_sm90(fn, args, meta, config):
+    """The JIT function ``fn`` compiled for sm_90 with these launch arguments and this config."""
     backend = CUDABackend(TARGET)
     const_names = [p.name for p in fn.params if p.is_constexpr]
     positional = [n for n in fn.arg_names if n not in const_names]
@@ -83,11 +84,28 @@ def main(dtype: torch.dtype, head_dim: int, block_q: int, block_kv: int, limit: 
         for tma in (False, True):
             meta = dict(meta, TMA_OK=tma)
             for config in kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)), **meta):
-                compiled = compile_sm90(kernel, args, meta, config)
+                compiled = compile_sm90(kernel.fn, args, meta, config)
                 out[f"{name} {config}"] = compiled.metadata.shared
     return out
 
 
+def density() -> dict:
+    """The pattern cache's one-launch layout density (``layout_density.py``) compiled for sm_90."""
+    from dit_sparse.block_layout import BlockLayout
+    from dit_sparse.kernels.block_sparse import layout_density
+
+    launches = []
+    layout_density._kept_pairs_kernel = Recorder("density", layout_density._kept_pairs_kernel, launches)
+    mask = torch.rand(2, 3, 7, 9) < 0.4
+    layout_density.mean_density_triton(BlockLayout.from_block_mask_tensor(mask, 100, 130, 16, 16))
+    (name, kernel, args, meta), = launches
+    compiled = compile_sm90(kernel, args, meta, triton.Config({}, num_warps=4, num_stages=1))
+    return {name: compiled.metadata.shared}
+
+
 if __name__ == "__main__":
-    dt, d, bq, bkv, lim = sys.argv[1:6]
-    print(json.dumps(main(getattr(torch, dt), int(d), int(bq), int(bkv), int(lim))))
+    if sys.argv[1] == "density":
+        print(json.dumps(density()))
+    else:
+        dt, d, bq, bkv, lim = sys.argv[1:6]
+        print(json.dumps(main(getattr(torch, dt), int(d), int(bq), int(bkv), int(lim))))

@@ -391,6 +391,13 @@ def test_triton_configs_compiled_for_sm90_fit(block_q):
     out = triton_sm90_smem("float32", 96, block_q, 128, SMEM_LIMIT)
     assert {name.split()[0] for name in out} == {"fwd", "dkdv", "dq"}
     assert all(v <= SMEM_LIMIT for v in out.values()), out
+
+
+def test_layout_density_kernel_compiles_for_sm90():
+    """The pattern cache runs kernels/block_sparse/layout_density.py on every GPU build; the interpreter
+    tests (tests/test_cache.py) check its numbers, this that the compiler takes it."""
+    out = triton_sm90_smem("density")
+    assert 0 <= out["density"] <= SMEM_LIMIT
 @needs_triton
 def test_tma_config_on_unaligned_tensors_takes_pointer_path():
     """Tensors TMA cannot address (base not 16-byte aligned) run a TMA config through pointers, correctly."""
