@@ -30,7 +30,7 @@ dense in the same run; effective rate = cuDNN time x density / time): 0.96 / 0.9
 with 3 stages, against 0.69 / 0.76 / 0.80 for the Triton kernel; at 100% 2 stages reach 1.06 (3 stages
 0.95, the Triton kernel 0.90) - so a layout known to be dense (``full_rows_hint``) runs 2 stages. A later
 run timing both depths on the same layouts found 2 stages faster also for sparse layouts at Wan-480p,
-whose K / V per head fit in the L2, and 3 faster at Hunyuan-720p, whose do not (:func:`num_stages`). A
+whose K / V per head fit in the L2, and 3 faster at Hunyuan-720p, whose do not (:func:`ring_depth`). A
 single 8-warp consumer ("ws1") reached only 0.77 / 0.82 / 0.84 / 0.86 and was dropped. Through the public
 API in ``scripts/bench_kernels.py`` (its layouts, Wan-480p and Hunyuan-720p, 5 to 100%): 0.88-1.07
 (``benchmarks/kernels.md``).
@@ -46,7 +46,7 @@ from ._hopper_common import (
     tma_descriptor,
 )
 
-__all__ = ["hopper_fwd_supported", "hopper_block_sparse_fwd", "kernel_launch", "num_stages"]
+__all__ = ["hopper_fwd_supported", "hopper_block_sparse_fwd", "kernel_launch", "ring_depth"]
 
 NUM_CONSUMERS = 2
 STAGES_SPARSE = 3
@@ -55,7 +55,7 @@ STAGES_DENSE = 2
 L2_RESIDENT_FRACTION = 0.5
 
 
-def num_stages(k: torch.Tensor, full_rows: bool, l2_bytes: int | None = None) -> int:
+def ring_depth(k: torch.Tensor, full_rows: bool, l2_bytes: int | None = None) -> int:
     """Depth of the K / V ring: 2 stages for a layout known to be dense, and for a sparse one whose K and V
     of one (batch, head) fit in half the L2 (the programs of a wave work on one or two heads, so their
     key-block reads mostly hit L2 there and a third stage only costs); 3 where they stream from HBM.
@@ -303,13 +303,13 @@ def hopper_block_sparse_fwd(q, k, v, kv_counts, kv_indices, scale: float, full_r
 
     ``kv_counts`` int32 ``[B|1, H|1, Mq]``, ``kv_indices`` int32 ``[B|1, H|1, Mq, Mk]`` (last dim contiguous;
     the first ``kv_counts`` entries of a row in any order). ``full_rows`` (every row keeps every key block)
-    picks the 2-stage ring, faster there (as on a sparse layout whose K / V stay in L2: :func:`num_stages`).
+    picks the 2-stage ring, faster there (as on a sparse layout whose K / V stay in L2: :func:`ring_depth`).
     Returns ``o`` (q's dtype and, where dense, its strides) and the
     natural-log ``lse`` fp32 ``[B, H, Sq]`` (-inf and o = 0 for a query block without key blocks).
     """
     B, H, Sq, _ = q.shape
     o = new_output(q)
     lse = new_output(q, (B, H, Sq), torch.float32)
-    grid, args, kwargs = kernel_launch(q, k, v, o, lse, kv_counts, kv_indices, scale, num_stages(k, full_rows))
+    grid, args, kwargs = kernel_launch(q, k, v, o, lse, kv_counts, kv_indices, scale, ring_depth(k, full_rows))
     _hopper_fwd_kernel[grid](*args, **kwargs)
     return o, lse

@@ -118,7 +118,7 @@ def test_ring_depth_follows_l2_residency_of_k_and_v():
     l2 = 50 * 2**20  # H100 / H200
     wan = torch.empty(1, 12, 32760, 128, dtype=torch.bfloat16, device="meta")
     hunyuan = torch.empty(1, 24, 118800, 128, dtype=torch.bfloat16, device="meta")
-    assert hopper_fwd.num_stages(wan, False, l2) == hopper_fwd.STAGES_DENSE == 2
-    assert hopper_fwd.num_stages(hunyuan, False, l2) == hopper_fwd.STAGES_SPARSE == 3
-    assert hopper_fwd.num_stages(hunyuan, True, l2) == 2
-    assert hopper_fwd.num_stages(wan, False, 30 * 2**20) == 3  # a smaller L2 (e.g. 40 MB A100 class)
+    assert hopper_fwd.ring_depth(wan, False, l2) == hopper_fwd.STAGES_DENSE == 2
+    assert hopper_fwd.ring_depth(hunyuan, False, l2) == hopper_fwd.STAGES_SPARSE == 3
+    assert hopper_fwd.ring_depth(hunyuan, True, l2) == 2
+    assert hopper_fwd.ring_depth(wan, False, 30 * 2**20) == 3  # a smaller L2 (e.g. 40 MB A100 class)
