@@ -15,14 +15,21 @@ is timed. The sweep only reports: the default run uses the config lists in ``ker
     python scripts/bench_kernels.py                      # default run (~2.5 min on an H200)
     python scripts/bench_kernels.py --tune               # + variant sweep (~1 min more)
     python scripts/bench_kernels.py --shapes wan --densities 0.1,0.5 --modes fwd
+    python scripts/bench_kernels.py --rounds 3            # every row timed 3x, interleaved; medians
+
+Rows are timed in rounds (``--rounds``, default 1): each round times every provider once, in the same order,
+so with several rounds a provider's samples spread over the run; the report has the median and, in the
+JSON, each round's ms.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -138,6 +145,26 @@ def time_provider(fn, q, k, v, do, layout, block_mask, mode, timing):
     return bench_ms(lambda: fn(qg, kg, vg, layout, block_mask).backward(do), warmup, rep, grad_to_none=[qg, kg, vg])
 
 
+def _time_with_hopper(triton_only: bool, fn, *args):
+    """:func:`time_provider`, with the Hopper kernels off for the ``ours-triton`` row."""
+    with hopper_off() if triton_only else contextlib.nullcontext():
+        return time_provider(fn, *args)
+
+
+def interleaved_medians(jobs: dict, rounds: int, log=print) -> dict:
+    """Run every job (key -> callable returning ms) once per round, the rounds one after another, so each
+    provider's samples spread over the whole run instead of one stretch of it; per key ``(median of the
+    rounds that succeeded or None, [ms of each])``. A failing round is logged and left out."""
+    samples = {key: [] for key in jobs}
+    for _ in range(rounds):
+        for key, job in jobs.items():
+            try:
+                samples[key].append(job())
+            except Exception as e:  # noqa: BLE001 - a failing provider must not end the benchmark
+                log(f"{key} failed: {type(e).__name__}: {e}")
+    return {key: (statistics.median(v) if v else None, v) for key, v in samples.items()}
+
+
 def check_against_flex(providers, q, k, v, do, layout, block_mask, calls: int = 2) -> dict:
     """Ours vs FlexAttention on the same mask (bf16): relative RMS of o, dq, dk, dv, the worst of ``calls``
     calls of ours (the first one autotunes; a dense layout takes the full-row loop from the second on)."""
@@ -215,7 +242,7 @@ def tune(providers, triton_fwd, triton_bwd, device) -> list[dict]:
                lambda full=full: triton_fwd.block_sparse_fwd(q, k, v, dense.kv_counts, dense.kv_indices, scale, BLOCK,
                                                              BLOCK, config=cfg, full_rows=full)[:1],
                ("o",), dense_flops, ref)
-    del dense, ref
+    dense = ref = None  # free them (the lambdas above ran already)
 
     layout = random_layout(b, h, s, CHECK_DENSITY, 1, device)
     ref = reference(layout)
@@ -261,7 +288,12 @@ def parse_args(argv=None):
     p.add_argument("--tune", action="store_true", help="sweep our kernel configs at Wan-480p 25%% first")
     p.add_argument("--out", default="benchmarks/")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every row this many times, interleaved, and report the median (targets within the "
+                        "run-to-run spread need more than one)")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.densities = [float(x) for x in args.densities.split(",") if x]
     args.modes = [m for m in args.modes.split(",") if m]
@@ -292,7 +324,8 @@ def build_markdown(info, rows, checks, tune_rows, best_configs) -> str:
         "Effective TFLOP/s = 4*B*H*Sq*Skv*D*density / time for fwd, 3.5x that for fwd+bwd, with density the "
         "ACTUAL kept fraction of the layout (1 for dense cuDNN / FA2). `vs cuDNN` = cuDNN dense time / time "
         "(same mode); `vs Flex` = Flex time / our time on the identical block mask (> 1: we are faster); "
-        "`rate/cuDNN` = effective rate / cuDNN dense rate.",
+        "`rate/cuDNN` = effective rate / cuDNN dense rate. "
+        f"ms: median of {info.get('rounds', 1)} interleaved round(s) (each round's ms in the JSON, `ms_rounds`).",
         "",
         markdown_table(
             ["shape", "mode", "provider", "density", "ms", "eff TFLOP/s", "vs cuDNN", "vs Flex", "rate/cuDNN"],
@@ -326,6 +359,7 @@ def main(argv=None):
     device = "cuda"
     block_sparse_attention, triton_fwd, triton_bwd = _import_kernels()
     info = env_info()
+    info["rounds"] = args.rounds
     print(f"# {info}", flush=True)
     t_start = time.time()
     providers = make_providers(block_sparse_attention)
@@ -363,39 +397,32 @@ def main(argv=None):
                 checks[key] = {"error": traceback.format_exc(limit=1).strip().splitlines()[-1]}
                 bad.add(x)
             print(f"[{shape}] check vs flex d={x:g}: {checks[key]}", flush=True)
+        jobs = masks = None  # hold q, k, v, do: dropped with them below
         for mode in args.modes:
-            dense = {}
-            for name in ("cudnn", "fa2"):
-                try:
-                    dense[name] = time_provider(providers[name], q, k, v, do, None, None, mode, timing)
-                except Exception as e:
-                    print(f"[{shape}] {name} {mode} failed: {type(e).__name__}: {e}", flush=True)
-                    dense[name] = None
-            base_ms = dense["cudnn"]
+            masks = {x: layout.to_flex_block_mask() for x, layout in layouts.items()}
+            # "ours-triton": "ours" with the Hopper kernels off (the portable Triton kernels), where they apply
+            names = ("flex", "ours") + (("ours-triton",) if hopper else ())
+            jobs = {(name, None): functools.partial(time_provider, providers[name], q, k, v, do, None, None, mode,
+                                                    timing) for name in ("cudnn", "fa2")}
+            for x, layout in layouts.items():
+                for name in names:
+                    if name.startswith("ours") and x in bad:
+                        continue
+                    jobs[(name, x)] = functools.partial(
+                        _time_with_hopper, name == "ours-triton", providers["ours" if name == "ours-triton" else name],
+                        q, k, v, do, layout, masks[x], mode, timing)
+            timed = interleaved_medians(jobs, args.rounds, log=lambda m: print(f"[{shape}] {mode} {m}", flush=True))
+            base_ms = timed[("cudnn", None)][0]
             base_rate = tflops(attention_flops(b, h, s, s, d, 1.0, mode), base_ms) if base_ms else None
-            for name, ms in dense.items():
+            for name in ("cudnn", "fa2"):
+                ms, rounds = timed[(name, None)]
                 rate = tflops(attention_flops(b, h, s, s, d, 1.0, mode), ms) if ms else None
                 rows.append(dict(shape=shape, mode=mode, provider=name, density=1.0, ms=ms, tflops=rate,
                                  speedup_vs_cudnn=base_ms / ms if ms and base_ms else None, ratio_vs_flex=None,
-                                 rate_vs_cudnn=rate / base_rate if rate and base_rate else None))
+                                 rate_vs_cudnn=rate / base_rate if rate and base_rate else None, ms_rounds=rounds))
             for x, layout in layouts.items():
                 actual = layout.density().mean().item()
-                bm = layout.to_flex_block_mask()
-                times = {}
-                # "ours-triton": "ours" with the Hopper kernels off (the portable Triton kernels), where they apply
-                names = ("flex", "ours") + (("ours-triton",) if hopper else ())
-                for name in names:
-                    if name.startswith("ours") and x in bad:
-                        times[name] = None
-                        continue
-                    try:
-                        triton_only = name == "ours-triton"
-                        with hopper_off() if triton_only else contextlib.nullcontext():
-                            times[name] = time_provider(providers["ours" if triton_only else name], q, k, v, do,
-                                                        layout, bm, mode, timing)
-                    except Exception as e:
-                        print(f"[{shape}] {name} {mode} {x} failed: {type(e).__name__}: {e}", flush=True)
-                        times[name] = None
+                times = {name: timed.get((name, x), (None, []))[0] for name in names}
                 for name, ms in times.items():
                     rate = tflops(attention_flops(b, h, s, s, d, actual, mode), ms) if ms else None
                     flex_ms = times.get("flex")
@@ -404,11 +431,12 @@ def main(argv=None):
                         speedup_vs_cudnn=base_ms / ms if ms and base_ms else None,
                         ratio_vs_flex=flex_ms / ms if (name != "flex" and ms and flex_ms) else None,
                         rate_vs_cudnn=rate / base_rate if rate and base_rate else None,
+                        ms_rounds=timed.get((name, x), (None, []))[1],
                     ))
                 print(f"[{shape}] {mode} d={actual:.3f} " + " ".join(f"{n}={t}" for n, t in times.items())
                       + f" ({time.time() - t_start:.0f}s)", flush=True)
             save()
-        del q, k, v, do, layouts
+        del q, k, v, do, layouts, jobs, masks
         torch.cuda.empty_cache()
     save()
 

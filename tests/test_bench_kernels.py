@@ -1,0 +1,51 @@
+"""scripts/bench_kernels.py on CPU (the benchmark itself needs a GPU): its interleaved rounds - every job
+once per round, the median of the rounds that succeeded, a failing round logged and left out - and the
+--rounds option."""
+
+import pytest
+
+from _scripts import load_script  # tests/ helper
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench_kernels")
+
+
+def test_rounds_interleave_and_take_the_median(bench):
+    order = []
+    times = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 4.0, 6.0])}
+
+    def job(name):
+        def run():
+            order.append(name)
+            return next(times[name])
+        return run
+
+    out = bench.interleaved_medians({"a": job("a"), "b": job("b")}, rounds=3, log=lambda m: None)
+    assert order == ["a", "b"] * 3  # one of each per round, not three of one then three of the other
+    assert out == {"a": (2.0, [3.0, 1.0, 2.0]), "b": (5.0, [5.0, 4.0, 6.0])}
+
+
+def test_failing_rounds_are_logged_and_left_out(bench):
+    calls, logged = iter([RuntimeError("out of memory"), 2.0]), []
+
+    def flaky():
+        got = next(calls)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def broken():
+        raise ValueError("no such backend")
+
+    out = bench.interleaved_medians({"flaky": flaky, "broken": broken}, rounds=2, log=logged.append)
+    assert out == {"flaky": (2.0, [2.0]), "broken": (None, [])}
+    assert any("out of memory" in m for m in logged) and sum("no such backend" in m for m in logged) == 2
+
+
+def test_rounds_option(bench):
+    assert bench.parse_args([]).rounds == 1
+    assert bench.parse_args(["--rounds", "3"]).rounds == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rounds", "0"])
