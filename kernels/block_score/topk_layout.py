@@ -23,10 +23,10 @@ The n-th largest order image ``t`` of each row comes one of two ways. The ratio 
 rows of at least ``BISECT_MIN_LANES`` padded lanes bisects the int32 range for the largest ``t`` with
 ``#{image >= t} >= n``: 32 counting passes over the row, no sort. Otherwise a bitonic ``tl.topk`` sorts
 the images, descending: the ``K`` largest, ``K`` the power of two >= ``n_floor`` for the ratio rule, the
-whole padded row (``K = BN``) for the threshold rule, which then recovers the logits from the sorted order images (exactly: they are the logits' bits), forms
-the fp32 softmax weights and an fp64 prefix sum, and counts
-``n = max(n_floor, 1 + #{r < Mk - 1 : mass of ranks <= r < target})``, and ``t`` is the n-th of the
-sorted images. The kept blocks are those above ``t`` and the lowest-indexed of those equal to ``t`` (a prefix sum
+whole padded row (``K = BN``) for the threshold rule, which then recovers the logits from the sorted
+images (exactly: they are the logits' bits), forms the fp32 softmax weights and an fp64 prefix sum, and
+counts ``n = max(n_floor, 1 + #{r < Mk - 1 : mass of ranks <= r < target})``; ``t`` is the n-th sorted
+image. The kept blocks are those above ``t`` and the lowest-indexed of those equal to ``t`` (a prefix sum
 over block order) up to ``n``: lower index first on ties, without sorting 64-bit (image, index) keys.
 
 Until 2026-11-30 the kernel selected without a sort, by a per-row binary search over unique int64 keys
@@ -298,8 +298,8 @@ def ratio_select_method(bn: int) -> str:
     """How the ratio rule finds each row's n-th largest score at ``bn`` (padded) key blocks: ``"sort"``
     (bitonic top-k of the order images) on short rows, ``"bisect"`` (32 counting passes) from
     :data:`BISECT_MIN_LANES` lanes. H200, 2026-11-30 (``bench_topk_build.py``, same tiles, same blocks kept):
-    at 256 lanes (Wan-480p) the sort 0.064 ms against 0.081 for bisection; at 1024 lanes bisection 0.39 ms
-    against 0.69 (540 key blocks, 18x48x80) and 1.05 against 1.98 (929, Hunyuan-720p) - the sort network
+    at 256 lanes (Wan-480p) the sort 0.062 ms against 0.079 for bisection; at 1024 lanes bisection 0.38 ms
+    against 0.69 (540 key blocks, 18x48x80) and 1.04 against 1.97 (929, Hunyuan-720p) - the sort network
     grows as n log^2 n per row, the counting passes as 32 n."""
     return "bisect" if bn >= BISECT_MIN_LANES else "sort"
 
@@ -347,8 +347,8 @@ def topk_select_triton(
     _topk_select_kernel[(cdiv(mq, bm), b * h)](
         q_t, k_t, counts, out, mq, mk, d, float(scale), float(tail_log), int(n_floor),
         _f64_bits(threshold if threshold is not None else 0.5),
-        THRESHOLD=threshold is not None, BISECT=ratio_select == "bisect", OUT_MASK=out_mask, K=top,
-        BM=bm, BN=bn,
+        THRESHOLD=threshold is not None, BISECT=threshold is None and ratio_select == "bisect",
+        OUT_MASK=out_mask, K=top, BM=bm, BN=bn,
         DU=min(8, triton.next_power_of_2(d)), num_warps=num_warps,
     )
     if out_mask:
