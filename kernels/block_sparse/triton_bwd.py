@@ -137,7 +137,7 @@ def _prune_dq(configs, named_args, **kwargs):
 
 # Shared-memory estimates of the two backward kernels (``row``: bytes of one padded head-dim row, ``elem``:
 # bytes per input element), fitted to what the kernels compiled for sm_90 ask (``tests/kernels/
-# _triton_sm90_smem.py``, head dim 128): never below it for fp32 / bf16 / fp16, exact or up to 32 KB above.
+# _triton_sm90_smem.py``, head dim 128): never below it for fp32 / bf16 / fp16, exact or up to 64 KB above.
 def dkdv_shared_memory(kw: dict, stages: int, row: int, elem: int) -> int:
     """Q and dO tiles per stage; K and V; fp32 inputs need another Q + dO's worth (e.g. 256 KB at 1 stage
     with 64-query steps, 192 KB with 32)."""
