@@ -15,9 +15,11 @@ their dense softmax is computed against all keys, and the head takes the mask th
 sampled attention mass. :meth:`SpatioTemporal.classify` exposes the decision.
 
 Build cost: the two candidate masks and the sampled rows depend only on the context, so they are made
-once per context and kept; a build computes the sampled rows' logits against all keys (one GEMM on the
-inputs' dtype with fp32 output), their softmax, its mass per key block (one reduction), and picks per
-head, with no host sync.
+once per context and kept; a build computes the sampled rows' softmax mass per key block against all keys
+and picks per head, with no host sync. Where Triton runs that is one launch
+(``kernels/block_score/sampled_mass.py``: per key block the tile's maximum and exponential sum, no
+``[B, H, n, S]`` logits in memory); otherwise one GEMM on the inputs' dtype with fp32 output, the softmax
+and a block reduction (the reference).
 """
 
 from __future__ import annotations
@@ -146,8 +148,7 @@ class SpatioTemporal(Pattern):
     def _classify(self, ctx: PatternContext, q, k, scale=None) -> HeadClassification:
         _, _, rows, per_row = self._candidates(ctx)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        logits = _sampled_logits(q[:, :, rows], k, scale)  # fp32 [B, H, n, S], scaled
-        mass = _block_softmax_mass(logits, ctx.block_kv)  # [B, H, n, Mk]
+        mass = _sampled_block_mass(q[:, :, rows], k, scale, ctx.block_kv)  # fp32 [B, H, n, Mk]
         recalls = (mass.unsqueeze(0) * per_row[:, None, None]).sum(-1).mean(-1)  # [2, B, H]
         return HeadClassification(recalls[1] > recalls[0], recalls[0], recalls[1])
 
@@ -175,6 +176,19 @@ def _sampled_rows(video_len: int, num_samples: int, seed: int, device: torch.dev
     g = torch.Generator().manual_seed(seed)
     rows = torch.randperm(video_len, generator=g)[:num_samples]
     return rows.sort().values.to(device)
+
+
+def _sampled_block_mass(q_rows: torch.Tensor, k: torch.Tensor, scale: float, block: int) -> torch.Tensor:
+    """Softmax mass of ``scale * q_rows @ k^T`` per block of ``block`` keys, fp32 ``[B, H, n, Mk]``: one
+    Triton launch where Triton runs (``kernels/block_score/sampled_mass.py``: no ``[B, H, n, S]`` logits in
+    memory), else :func:`_sampled_logits` then :func:`_block_softmax_mass` (its reference)."""
+    from ..kernels.block_score.api import _use_triton
+
+    if _use_triton(q_rows, "auto"):
+        from ..kernels.block_score.sampled_mass import sampled_block_mass_triton
+
+        return sampled_block_mass_triton(q_rows, k, scale, block)
+    return _block_softmax_mass(_sampled_logits(q_rows, k, scale), block)
 
 
 def _sampled_logits(q_rows: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

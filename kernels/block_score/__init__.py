@@ -6,6 +6,10 @@ pattern cache's drift check).
 * ``pool_score.py``   - Triton kernels + launchers (mean pooling, pooled scoring)
 * ``topk_layout.py``  - fused top-k selection straight into a block layout / mask (what ``TopK`` builds
   with on the Triton backend), with its per-row reference
+* ``sampled_mass.py`` - softmax mass per key block of a few sampled query rows (what ``SpatioTemporal``
+  classifies heads by), without the sampled rows' logits in memory
+* ``sampled_mass.py`` - softmax mass per key block of a few sampled query rows (what ``SpatioTemporal``
+  classifies heads by), without the sampled rows' logits in memory
 * ``torch_backend.py``- vectorised PyTorch path for CPU
 * ``naive.py``        - readable fp32 reference for tests
 """

@@ -1,14 +1,14 @@
 """Shared memory of the portable Triton block-sparse kernels compiled for sm_90, on a machine without a GPU.
 
     python _triton_sm90_smem.py DTYPE HEAD_DIM BLOCK_Q BLOCK_KV LIMIT
-    python _triton_sm90_smem.py density
+    python _triton_sm90_smem.py small
 
 Runs the launchers (``triton_fwd.block_sparse_fwd``, ``triton_bwd.block_sparse_bwd``) on CPU tensors with
 their kernels replaced by recorders, prunes each autotuner's GPU configs for the recorded launch as the
 autotuner would (``shared_memory_limit`` reporting LIMIT bytes), compiles every kept config for sm_90
 through ``triton.compile`` (with and without TMA loads) and prints, as the last stdout line, JSON: per
-kernel and config, the shared memory the compiled kernel asks for. ``density`` compiles the pattern cache's
-layout-density kernel the same way. Needs TRITON_INTERPRET unset (the test
+kernel and config, the shared memory the compiled kernel asks for. ``small`` compiles the pattern side's small
+kernels (the cache's layout density, SpatioTemporal's sampled mass) the same way. Needs TRITON_INTERPRET unset (the test
 that calls it runs it in a process of its own for that reason).
 """
 
@@ -89,23 +89,33 @@ def main(dtype: torch.dtype, head_dim: int, block_q: int, block_kv: int, limit: 
     return out
 
 
-def density() -> dict:
-    """The pattern cache's one-launch layout density (``layout_density.py``) compiled for sm_90."""
+def small_kernels() -> dict:
+    """The pattern side's kernels that run on every GPU build, compiled for sm_90: the cache's one-launch
+    layout density (``layout_density.py``) and SpatioTemporal's sampled block mass (``sampled_mass.py``,
+    bf16 and fp32 inputs)."""
     from dit_sparse.block_layout import BlockLayout
+    from dit_sparse.kernels.block_score import sampled_mass
     from dit_sparse.kernels.block_sparse import layout_density
 
     launches = []
     layout_density._kept_pairs_kernel = Recorder("density", layout_density._kept_pairs_kernel, launches)
+    sampled_mass._block_stats_kernel = Recorder("sampled_mass", sampled_mass._block_stats_kernel, launches)
     mask = torch.rand(2, 3, 7, 9) < 0.4
     layout_density.mean_density_triton(BlockLayout.from_block_mask_tensor(mask, 100, 130, 16, 16))
-    (name, kernel, args, meta), = launches
-    compiled = compile_sm90(kernel, args, meta, triton.Config({}, num_warps=4, num_stages=1))
-    return {name: compiled.metadata.shared}
+    for dtype in (torch.bfloat16, torch.float32):
+        q_rows, k = torch.randn(1, 2, 64, 128).to(dtype), torch.randn(1, 2, 300, 128).to(dtype)
+        sampled_mass.sampled_block_mass_triton(q_rows, k, 0.088, 128)  # recorded (its numbers unused)
+    out = {}
+    for name, kernel, args, meta in launches:
+        dtype = str(args[0].dtype).removeprefix("torch.") if hasattr(args[0], "dtype") else ""
+        compiled = compile_sm90(kernel, args, meta, triton.Config({}, num_warps=4, num_stages=1))
+        out[f"{name} {dtype}".strip() if name != "density" else name] = compiled.metadata.shared
+    return out
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "density":
-        print(json.dumps(density()))
+    if sys.argv[1] == "small":
+        print(json.dumps(small_kernels()))
     else:
         dt, d, bq, bkv, lim = sys.argv[1:6]
         print(json.dumps(main(getattr(torch, dt), int(d), int(bq), int(bkv), int(lim))))

@@ -393,11 +393,13 @@ def test_triton_configs_compiled_for_sm90_fit(block_q):
     assert all(v <= SMEM_LIMIT for v in out.values()), out
 
 
-def test_layout_density_kernel_compiles_for_sm90():
-    """The pattern cache runs kernels/block_sparse/layout_density.py on every GPU build; the interpreter
-    tests (tests/test_cache.py) check its numbers, this that the compiler takes it."""
-    out = triton_sm90_smem("density")
-    assert 0 <= out["density"] <= SMEM_LIMIT
+def test_pattern_side_kernels_compile_for_sm90():
+    """The pattern cache's layout density (every GPU build) and SpatioTemporal's sampled block mass (every
+    spatio-temporal build): the interpreter tests (tests/test_cache.py, test_sampled_mass.py) check their
+    numbers, this that the compiler takes them."""
+    out = triton_sm90_smem("small")
+    assert set(out) == {"density", "sampled_mass bfloat16", "sampled_mass float32"}, out
+    assert all(0 <= v <= SMEM_LIMIT for v in out.values()), out
 @needs_triton
 def test_tma_config_on_unaligned_tensors_takes_pointer_path():
     """Tensors TMA cannot address (base not 16-byte aligned) run a TMA config through pointers, correctly."""
