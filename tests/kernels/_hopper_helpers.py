@@ -44,22 +44,23 @@ def random_keep(B, H, mq, mk, density, seed):
 
 
 def compile_for_sm90(kernel: str, num_stages: int, skv: int, bshd: bool, dtype: torch.dtype) -> dict:
-    """``_hopper_sm90_compile.py``'s report. In a process of its own: under TRITON_INTERPRET=1 (set by
-    conftest on CPU) Gluon cannot compile."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(Path(__file__).with_name("_hopper_sm90_compile.py")), kernel, str(num_stages),
-           str(skv), str(int(bshd)), str(dtype).removeprefix("torch.")]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    """``_hopper_sm90_compile.py``'s report."""
+    return _sm90_report("_hopper_sm90_compile.py", kernel, num_stages, skv, int(bshd),
+                        str(dtype).removeprefix("torch."))
 
 
 def triton_sm90_smem(*args) -> dict:
     """``_triton_sm90_smem.py``'s report for ``DTYPE HEAD_DIM BLOCK_Q BLOCK_KV LIMIT`` (shared memory of every
-    config the Triton kernels' pruners keep for this launch) or ``density``, compiled for sm_90 (in a
-    process of its own, as :func:`compile_for_sm90`)."""
+    config the Triton kernels' pruners keep for this launch) or ``small`` (the pattern side's kernels),
+    compiled for sm_90."""
+    return _sm90_report("_triton_sm90_smem.py", *args)
+
+
+def _sm90_report(script: str, *args) -> dict:
+    """The JSON last line of an sm_90 compile script of this folder, run in a process of its own: under
+    TRITON_INTERPRET=1 (set by conftest on CPU) nothing compiles for a GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(Path(__file__).with_name("_triton_sm90_smem.py")), *map(str, args)]
+    cmd = [sys.executable, str(Path(__file__).with_name(script)), *map(str, args)]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])

@@ -21,14 +21,11 @@ import tempfile
 
 import torch
 import triton
-from triton._C.libtriton import native_specialize_impl
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import CUDABackend, get_ptxas
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.experimental.gluon._runtime import GluonASTSource
 
+from _sm90_specialize import TARGET, specialize
 from dit_sparse.kernels.block_sparse import hopper_dkdv, hopper_dq, hopper_fwd
-
-TARGET = GPUTarget("cuda", 90, 32)
 
 
 def launch_of(kernel, q, k, v, counts, idx, num_stages):
@@ -51,23 +48,8 @@ def launch_of(kernel, q, k, v, counts, idx, num_stages):
 def compile_sm90(fn, launch, num_stages):
     """``fn`` compiled for sm_90 with the launcher's arguments, specialised as the JIT would."""
     _, args, kwargs = launch
-    const_names = [p.name for p in fn.params if p.is_constexpr]
-    backend = CUDABackend(TARGET)
-    signature, attrs, constants = {}, {}, {}
-    positional = [n for n in fn.arg_names if n not in const_names]
-    assert len(positional) == len(args), (positional, len(args))
-    for name, arg in zip(positional, args):
-        ty, key = native_specialize_impl(CUDABackend, arg, False, True, True)
-        signature[name] = ty
-        if ty == "constexpr":  # the JIT folds integer arguments equal to 1 into the kernel
-            constants[name] = arg
-        if isinstance(key, str):
-            attrs[(fn.arg_names.index(name),)] = backend.parse_attr(key)
     options = {name: kwargs.pop(name) for name in ("num_warps", "maxnreg")}
-    for name in const_names:
-        signature[name] = "constexpr"
-        constants[name] = kwargs[name]
-    src = GluonASTSource(fn, signature, constants, attrs)
+    src = GluonASTSource(fn, *specialize(fn, args, kwargs))
     return triton.compile(src, target=TARGET, options=dict(num_stages=num_stages, **options))
 
 

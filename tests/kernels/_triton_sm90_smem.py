@@ -19,14 +19,10 @@ import sys
 
 import torch
 import triton
-from triton._C.libtriton import native_specialize_impl
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
+from _sm90_specialize import TARGET, specialize
 from dit_sparse.kernels.block_sparse import triton_bwd, triton_fwd
-
-TARGET = GPUTarget("cuda", 90, 32)
 
 
 class Recorder:
@@ -41,22 +37,7 @@ class Recorder:
 
 def compile_sm90(fn, args, meta, config):
     """The JIT function ``fn`` compiled for sm_90 with these launch arguments and this config."""
-    backend = CUDABackend(TARGET)
-    const_names = [p.name for p in fn.params if p.is_constexpr]
-    positional = [n for n in fn.arg_names if n not in const_names]
-    assert len(positional) == len(args), (positional, len(args))
-    signature, attrs, constants = {}, {}, {}
-    for name, arg in zip(positional, args):
-        ty, key = native_specialize_impl(CUDABackend, arg, False, True, True)
-        signature[name] = ty
-        if ty == "constexpr":
-            constants[name] = arg
-        if isinstance(key, str):
-            attrs[(fn.arg_names.index(name),)] = backend.parse_attr(key)
-    for name in const_names:
-        signature[name] = "constexpr"
-        constants[name] = {**meta, **config.kwargs}[name]
-    src = ASTSource(fn, signature, constants, attrs)
+    src = ASTSource(fn, *specialize(fn, args, {**meta, **config.kwargs}))
     return triton.compile(src, target=TARGET,
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
