@@ -483,11 +483,13 @@ class PatternCache:
 def _mean_density(layout: BlockLayout) -> torch.Tensor:
     """``layout.density().mean()`` (0-dim fp32, on the layout's device), recorded for every build: one
     launch where Triton runs (``kernels/block_sparse/layout_density.py``), else :func:`mean_density_torch`."""
-    try:
-        from .kernels.block_sparse.layout_density import mean_density
-    except ImportError:  # no Triton
-        return mean_density_torch(layout)
-    return mean_density(layout)
+    from .kernels.block_score.api import _use_triton
+
+    if _use_triton(layout.kv_counts, "auto"):
+        from .kernels.block_sparse.layout_density import mean_density_triton
+
+        return mean_density_triton(layout)
+    return mean_density_torch(layout)
 
 
 def mean_density_torch(layout: BlockLayout) -> torch.Tensor:

@@ -2,10 +2,11 @@
 0-dim fp32 tensor on the layout's device, without a host sync.
 
 The pattern cache records it for every build it makes (``PatternCache.stats()["mean_density"]``), inside
-the search time it reports. In PyTorch (:func:`dit_sparse.cache.mean_density_torch`, the reference and
-the path without Triton) it is about 14 small launches on ``[B, H, Mq]`` tensors - on an H200 a few microseconds each,
-comparable with the select launch of a top-k build at Wan-480p (0.06 ms). ``_kept_pairs_kernel`` is one
-program that walks the rows in chunks and writes the density.
+the search time it reports, and picks this launch where Triton runs. In PyTorch
+(:func:`dit_sparse.cache.mean_density_torch`, the reference and the path without Triton) it is about 14
+small launches on ``[B, H, Mq]`` tensors - on an H200 a few microseconds each, comparable with the select
+launch of a top-k build at Wan-480p (0.06 ms). ``_kept_pairs_kernel`` is one program that walks the rows
+in chunks and writes the density.
 
 Counting: every kept key block has ``block_kv`` tokens except the tail block, which a row keeps iff its
 last listed index is ``Mk - 1`` (indices are ascending); each row weighs its query block's true size.
@@ -18,11 +19,10 @@ import triton
 import triton.language as tl
 
 from dit_sparse.block_layout import BlockLayout
-from dit_sparse.cache import mean_density_torch
 
 from ._common import broadcast_strides, interpreting
 
-__all__ = ["mean_density", "mean_density_torch", "mean_density_triton"]
+__all__ = ["mean_density_triton"]
 
 _ROWS_PER_STEP = 1024
 
@@ -69,10 +69,3 @@ def mean_density_triton(layout: BlockLayout) -> torch.Tensor:
         BLOCK=_ROWS_PER_STEP if not interpreting() else 64,
     )
     return out
-
-
-def mean_density(layout: BlockLayout) -> torch.Tensor:
-    """Mean density of ``layout``: one launch on CUDA (or under the Triton interpreter), PyTorch otherwise."""
-    if layout.kv_counts.device.type == "cuda" or interpreting():
-        return mean_density_triton(layout)
-    return mean_density_torch(layout)
