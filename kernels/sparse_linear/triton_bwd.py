@@ -46,6 +46,14 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 128 else 4
 
 
+def dkdv_rows(block_kv: int, element_size: int) -> int:
+    """Key rows per program of the linear dk / dv kernel: the whole key block, except fp32 blocks of 128+
+    rows, which take 64 - a 128-row fp32 tile with its [D, D] state asks for 256 KB of shared memory at
+    head dim 96 / 128 compiled for sm_90, over the H100 / H200's 227 KB (``tests/kernels/
+    _triton_sm90_smem.py sla``)."""
+    return min(block_kv, 64) if element_size == 4 else block_kv
+
+
 @triton.jit
 def _sla_lin_dq_kernel(
     Q, DOL, LIN_R, LIN_Z, DQ, INV, DDEN, COUNTS,
@@ -97,16 +105,18 @@ def _sla_lin_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dks,
     stride_dvb, stride_dvh, stride_dvs,
     H, Sk,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, FEATURE_MAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    FEATURE_MAP: tl.constexpr,
 ):
-    """Linear-branch dk / dv of one key block from its dH_j / dz_j (zero when every query block lists
-    it), added to DK / DV."""
-    pid_n, bh, b, h, offs_n, offs_d = row_tile(H, BLOCK_N, HEAD_DIM_PAD)
+    """Linear-branch dk / dv of ``ROWS`` rows (a divisor of BLOCK_N, so inside one key block) from their
+    key block's dH_j / dz_j (zero when every query block lists it), added to DK / DV."""
+    pid_r, bh, b, h, offs_n, offs_d = row_tile(H, ROWS, HEAD_DIM_PAD)
     n_ok = offs_n < Sk
     d_ok = offs_d < HEAD_DIM
     valid = n_ok[:, None] & d_ok[None, :]
 
-    d_h, d_z = linear_state(DH, DZ, bh.to(tl.int64) * tl.cdiv(Sk, BLOCK_N) + pid_n, offs_d, HEAD_DIM)
+    block = bh.to(tl.int64) * tl.cdiv(Sk, BLOCK_N) + (pid_r * ROWS) // BLOCK_N
+    d_h, d_z = linear_state(DH, DZ, block, offs_d, HEAD_DIM)
     xk = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
                  mask=valid, other=0.0).to(tl.float32)
     fk = phi_fwd(xk, valid, FEATURE_MAP)
@@ -177,12 +187,13 @@ def sla_backward(
     d_h = complement_states(d_rtot, d_rq, qc, qi, sd)
     d_z = complement_states(d_ztot, d_zq, qc, qi, torch.float32)
     del d_rq, d_zq
-    _sla_lin_dkdv_kernel[(mk, b * h)](
+    rows = dkdv_rows(block_kv, q.element_size())
+    _sla_lin_dkdv_kernel[(cdiv(sk, rows), b * h)](
         k, v, d_h, d_z, dk, dv,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        h, sk, BLOCK_N=block_kv, **fm, num_warps=_num_warps(block_kv),
+        h, sk, BLOCK_N=block_kv, ROWS=rows, **fm, num_warps=_num_warps(rows),
     )
     return dq, dk, dv

@@ -2,13 +2,16 @@
 
     python _triton_sm90_smem.py DTYPE HEAD_DIM BLOCK_Q BLOCK_KV LIMIT
     python _triton_sm90_smem.py small
+    python _triton_sm90_smem.py sla DTYPE HEAD_DIM BLOCK LIMIT
 
 Runs the launchers (``triton_fwd.block_sparse_fwd``, ``triton_bwd.block_sparse_bwd``) on CPU tensors with
 their kernels replaced by recorders, prunes each autotuner's GPU configs for the recorded launch as the
 autotuner would (``shared_memory_limit`` reporting LIMIT bytes), compiles every kept config for sm_90
 through ``triton.compile`` (with and without TMA loads) and prints, as the last stdout line, JSON: per
 kernel and config, the shared memory the compiled kernel asks for. ``small`` compiles the pattern side's small
-kernels (the cache's layout density, SpatioTemporal's sampled mass) the same way. Needs TRITON_INTERPRET unset (the test
+kernels (the cache's layout density, SpatioTemporal's sampled mass) the same way; ``sla`` every kernel of
+sparse-linear attention's forward and backward (``BLOCK`` x ``BLOCK`` layout blocks, all rows partly
+linear). Needs TRITON_INTERPRET unset (the test
 that calls it runs it in a process of its own for that reason).
 """
 
@@ -42,6 +45,37 @@ def compile_sm90(fn, args, meta, config):
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
+def record_block_sparse(launches: list, limit: int) -> None:
+    """The block-sparse forward and backward kernels replaced by recorders into ``launches`` (the backward
+    preprocess by one that records nothing), with ``limit`` bytes of shared memory for their pruners."""
+    triton_fwd._block_sparse_fwd_kernel = Recorder("fwd", triton_fwd._block_sparse_fwd_kernel, launches)
+    triton_bwd._bwd_preprocess = Recorder("preprocess", None, [])
+    triton_bwd._bwd_dkdv = Recorder("dkdv", triton_bwd._bwd_dkdv, launches)
+    triton_bwd._bwd_dq = Recorder("dq", triton_bwd._bwd_dq, launches)
+    for module in (triton_fwd, triton_bwd):
+        module.shared_memory_limit = lambda t: limit
+
+
+def compile_launches(launches: list) -> dict:
+    """Shared memory of every recorded launch compiled for sm_90: an autotuned kernel's kept configs, with
+    and without TMA loads where it has that switch; a plain JIT kernel with its launch's num_warps."""
+    out = {}
+    for name, kernel, args, meta in launches:
+        if not hasattr(kernel, "configs"):
+            meta = dict(meta)
+            config = triton.Config({}, num_warps=meta.pop("num_warps", 4), num_stages=meta.pop("num_stages", 3))
+            out[name] = compile_sm90(kernel, args, meta, config).metadata.shared
+            continue
+        for tma in ((False, True) if "TMA_OK" in kernel.fn.arg_names else (None,)):
+            meta_t = meta if tma is None else dict(meta, TMA_OK=tma)
+            configs = kernel.configs
+            if getattr(kernel, "early_config_prune", None):
+                configs = kernel.early_config_prune(configs, dict(zip(kernel.arg_names, args)), **meta_t)
+            for config in configs:
+                out[f"{name} {config}"] = compile_sm90(kernel.fn, args, meta_t, config).metadata.shared
+    return out
+
+
 def main(dtype: torch.dtype, head_dim: int, block_q: int, block_kv: int, limit: int) -> dict:
     B, H, S = 1, 2, 300
     q, k, v, do = (torch.randn(B, H, S, head_dim).to(dtype) for _ in range(4))
@@ -51,23 +85,38 @@ def main(dtype: torch.dtype, head_dim: int, block_q: int, block_kv: int, limit: 
     q_counts = torch.full((1, H, mk), mq, dtype=torch.int32)
     q_idx = torch.arange(mq, dtype=torch.int32).expand(1, H, mk, mq).contiguous()
     launches = []
-    triton_fwd._block_sparse_fwd_kernel = Recorder("fwd", triton_fwd._block_sparse_fwd_kernel, launches)
-    triton_bwd._bwd_preprocess = Recorder("preprocess", None, [])
-    triton_bwd._bwd_dkdv = Recorder("dkdv", triton_bwd._bwd_dkdv, launches)
-    triton_bwd._bwd_dq = Recorder("dq", triton_bwd._bwd_dq, launches)
-    for module in (triton_fwd, triton_bwd):
-        module.shared_memory_limit = lambda t: limit
+    record_block_sparse(launches, limit)
     o, lse = triton_fwd.block_sparse_fwd(q, k, v, counts, idx, head_dim ** -0.5, block_q, block_kv, full_rows=False)
     triton_bwd.block_sparse_bwd(do, None, q, k, v, o, lse, counts, idx, q_counts, q_idx, head_dim ** -0.5,
                                 block_q, block_kv)
-    out = {}
-    for name, kernel, args, meta in launches:
-        for tma in (False, True):
-            meta = dict(meta, TMA_OK=tma)
-            for config in kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)), **meta):
-                compiled = compile_sm90(kernel.fn, args, meta, config)
-                out[f"{name} {config}"] = compiled.metadata.shared
-    return out
+    return compile_launches(launches)
+
+
+def sla_kernels(dtype: torch.dtype, head_dim: int, block: int, limit: int) -> dict:
+    """Every kernel of sparse-linear attention's Triton forward and backward: the LINEAR block-sparse
+    forward, the linear output, the block / complement states, the block-sparse backward and the linear
+    dq and dk / dv kernels."""
+    from dit_sparse.kernels.sparse_linear import triton_bwd as sla_bwd
+    from dit_sparse.kernels.sparse_linear import triton_fwd as sla_fwd
+    from dit_sparse.kernels.sparse_linear import triton_state
+
+    B, H, S = 1, 2, 300
+    q, k, v, do_s, do_l = (torch.randn(B, H, S, head_dim).to(dtype) for _ in range(5))
+    m = triton.cdiv(S, block)
+    counts = torch.ones(1, H, m, dtype=torch.int32)  # one critical block per row: both branches run
+    idx = torch.arange(m, dtype=torch.int32).view(1, 1, m, 1).expand(1, H, m, m).contiguous()
+    launches = []
+    record_block_sparse(launches, limit)
+    for module, name in ((sla_fwd, "_linear_output_kernel"), (sla_bwd, "_sla_lin_dq_kernel"),
+                         (sla_bwd, "_sla_lin_dkdv_kernel"), (triton_state, "_block_state_kernel"),
+                         (triton_state, "_complement_kernel")):
+        setattr(module, name, Recorder(name, getattr(module, name), launches))
+    o_s, _, lse = sla_fwd.sla_forward(q, k, v, counts, idx, block, block, 0, head_dim ** -0.5, 1e-6)
+    sla_fwd.linear_output(q, sla_fwd.LinearBranch(*sla_fwd.linear_states(k, v, counts.expand(B, H, m),
+                                                                         idx.expand(B, H, m, m), block, 0),
+                                                  torch.empty_like(q), 0, 1e-6), block)
+    sla_bwd.sla_backward(do_s, do_l, q, k, v, o_s, lse, counts, idx, block, block, 0, head_dim ** -0.5, 1e-6)
+    return compile_launches(launches)
 
 
 def small_kernels() -> dict:
@@ -97,6 +146,9 @@ def small_kernels() -> dict:
 if __name__ == "__main__":
     if sys.argv[1] == "small":
         print(json.dumps(small_kernels()))
+    elif sys.argv[1] == "sla":
+        dt, d, block, lim = sys.argv[2:6]
+        print(json.dumps(sla_kernels(getattr(torch, dt), int(d), int(block), int(lim))))
     else:
         dt, d, bq, bkv, lim = sys.argv[1:6]
         print(json.dumps(main(getattr(torch, dt), int(d), int(bq), int(bkv), int(lim))))

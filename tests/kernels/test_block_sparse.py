@@ -24,6 +24,7 @@ from dit_sparse.kernels.block_sparse.function import block_sparse_fwd_op
 from dit_sparse.kernels.block_sparse.layout_ops import cached_transpose, transpose_layout_tensors
 
 from _hopper_helpers import SMEM_LIMIT, triton_sm90_smem
+from _tolerances import tol32
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,15 +74,6 @@ def reference_with_grads(q, k, v, layout, do, scale=None):
         lambda a, b, c: block_sparse_attention_reference(a, b, c, layout.to(a.device), scale=scale),
         q.double(), k.double(), v.double(), do.double(),
     )
-
-
-def tol32(tol: float) -> float:
-    """An fp32 tolerance of the interpreter (exact fp32 dots), widened on a GPU, where ``tl.dot`` on fp32
-    inputs runs in TF32 (10-bit mantissa): 1e-5 (outputs) -> 3e-3, 1e-4 (gradients) -> 1e-2, the fp16
-    tolerances."""
-    if DEVICE == "cpu":
-        return tol
-    return {1e-5: 3e-3, 1e-4: 1e-2}[tol]
 
 
 TOL = {torch.float16: (3e-3, 1e-2), torch.float32: (tol32(1e-5), tol32(1e-4)), torch.bfloat16: (2e-2, 4e-2)}

@@ -18,13 +18,16 @@ from dit_sparse.kernels.sparse_linear import (
     sparse_linear_attention_torch,
 )
 
+from _hopper_helpers import SMEM_LIMIT, triton_sm90_smem
+from _tolerances import tol32
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET), reason="no GPU and no interpreter")
 FEATURE_MAPS = ("softmax", "elu", "relu")
 
 # (forward, gradient) relative RMS tolerances against fp64
-TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (4e-3, 2e-2), torch.bfloat16: (2e-2, 5e-2)}
+TOL = {torch.float32: (tol32(1e-5), tol32(1e-4)), torch.float16: (4e-3, 2e-2), torch.bfloat16: (2e-2, 5e-2)}
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -132,6 +135,15 @@ def test_triton_edge_rows(nan_empty, feature_map):
     assert torch.count_nonzero(o_l[:, :, :64]) == 0, "an all-critical query block must have o_linear == 0"
     assert torch.count_nonzero(o_s[:, :, 128:]) == 0, "a query block with no critical block must have o_sparse == 0"
     assert torch.count_nonzero(o_l[:, :, 128:]) > 0
+
+
+@needs_triton
+def test_triton_fp32_key_blocks_of_128_rows():
+    """fp32 key blocks of 128 rows: the linear dk / dv kernel runs them as two 64-row programs that share the
+    block's dH_j / dz_j (a tail block of 44 rows included)."""
+    layout = edge_layout(1, 2, 140, 300, 64, 128, 0.4, seed=5).to(DEVICE)
+    q, k, v, do_s, do_l = make_inputs(1, 2, 140, 300, 64, torch.float32, seed=5)
+    check_against_reference(q, k, v, do_s, do_l, layout, "elu", "triton")
 
 
 @needs_triton
@@ -276,6 +288,26 @@ def test_triton_only_limits_raise():
     small = edge_layout(1, 2, 100, 100, 32, 32, 0.5, 0)
     with pytest.raises(ValueError, match="block_q=32 is not supported"):
         sparse_linear_attention(q, k, v, small, backend="triton")
+
+
+@pytest.mark.parametrize("head_dim, block", [(96, 128), (128, 64)])
+def test_fp32_kernels_compiled_for_sm90_fit(head_dim, block):
+    """Every kernel of the SLA forward and backward with fp32 inputs, compiled for sm_90 without a GPU, asks
+    for at most the H100 / H200's 227 KB of shared memory. On the H200 the linear dk / dv kernel asked for
+    256 KB at head dim 96 with 128-row blocks (fp32 tile and [D, D] state); it now takes 64 rows per
+    program there."""
+    out = triton_sm90_smem("sla", "float32", head_dim, block, SMEM_LIMIT)
+    names = {name.split()[0] for name in out}
+    assert names == {"fwd", "dkdv", "dq", "_linear_output_kernel", "_block_state_kernel", "_complement_kernel",
+                     "_sla_lin_dq_kernel", "_sla_lin_dkdv_kernel"}, names
+    assert all(v <= SMEM_LIMIT for v in out.values()), {k: v for k, v in out.items() if v > SMEM_LIMIT}
+
+
+def test_linear_dkdv_rows_split_fp32_blocks_only():
+    from dit_sparse.kernels.sparse_linear.triton_bwd import dkdv_rows
+
+    assert [dkdv_rows(b, 4) for b in (64, 128)] == [64, 64]
+    assert [dkdv_rows(b, 2) for b in (64, 128)] == [64, 128]
 
 
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
