@@ -7,7 +7,10 @@ compute capability 9.x GPU, fp16 / bf16, head dim 128, 128x128 layout blocks - a
 ``kv_counts`` int32 ``[B|1, H|1, Mq]`` / ``kv_indices`` int32 ``[B|1, H|1, Mq, Mk]`` (first ``kv_counts``
 entries valid, in any order), the natural-log ``lse`` and ``delta = rowsum(dO * O) - dLSE`` (fp32
 ``[B, H, Sq]``, contiguous), q / k / v / do ``[B, H, S, D]`` with any 16-byte aligned strides. Output:
-``dQ = scale * dS K`` in q's dtype and strides.
+``dQ = scale * dS K`` in q's dtype and strides. The backward launcher passes the forward output ``o`` (and
+``dLSE``) instead of delta: each consumer then computes its rows' delta from O (global loads issued before
+it waits for the Q / dO tiles) and the dO tile in shared memory, and stores it for the dK/dV kernel, which
+runs after this one - so the backward has no preprocess launch (it re-read dO and O: 200 MB at Wan-480p).
 
 Design (the dK/dV kernel of ``hopper_dkdv.py`` with queries and keys swapped)
 -----------------------------------------------------------------------------
@@ -111,8 +114,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(dq_desc, q_smem, do_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, lse_ptr, delta_ptr,
+                  o_ptr, dlse_ptr, stride_ob, stride_oh, stride_os,
                   n, b, h, bh, q_row0, q_len, qk_scale, scale,
-                  WG: gl.constexpr, NUM_STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+                  WG: gl.constexpr, NUM_STAGES: gl.constexpr, BLOCK_N: gl.constexpr, FUSED_DELTA: gl.constexpr,
+                  HAS_DLSE: gl.constexpr):
         """One consumer warpgroup: query rows ``[WG * 64, WG * 64 + 64)`` of the block. Steps 0 .. n-2 in the
         loop (S of step j+1 issued behind dQ_j, both retired together), the last one peeled."""
         ROWS: gl.constexpr = 64
@@ -132,14 +137,29 @@ if HAVE_GLUON:
         in_range = rows < q_len
         row_base = bh.to(gl.int64) * q_len
         lse = gl.load(lse_ptr + row_base + rows, mask=in_range, other=0.0)
-        delta = gl.load(delta_ptr + row_base + rows, mask=in_range, other=0.0)
         lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-
         q_tile = _as_2d(q_smem, BLOCK_M, HEAD_DIM).slice(WG * ROWS, ROWS, dim=0)
         do_tile = _as_2d(do_smem, BLOCK_M, HEAD_DIM).slice(WG * ROWS, ROWS, dim=0)
+        if FUSED_DELTA:
+            # delta = rowsum(dO * O) - dLSE here instead of a preprocess launch: O from global memory (its
+            # load overlaps the TMA of Q / dO), dO from the tile the MMAs use; stored for the dK/dV kernel.
+            tile: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+            o_rows = q_row0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, tile))
+            cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, tile))
+            o_ptrs = (o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+                      + gl.expand_dims(o_rows.to(gl.int64) * stride_os, 1) + gl.expand_dims(cols, 0))
+            o = gl.load(o_ptrs, mask=gl.expand_dims(o_rows < q_len, 1), other=0.0)
+            mbarrier.wait(q_bar, 0)
+            do = do_tile.load(tile)
+            delta = gl.convert_layout(gl.sum(do.to(gl.float32) * o.to(gl.float32), axis=1), row_layout)
+            if HAS_DLSE:
+                delta -= gl.load(dlse_ptr + row_base + rows, mask=in_range, other=0.0)
+            gl.store(delta_ptr + row_base + rows, delta, mask=in_range)
+        else:
+            delta = gl.load(delta_ptr + row_base + rows, mask=in_range, other=0.0)
+            mbarrier.wait(q_bar, 0)
         dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-        mbarrier.wait(q_bar, 0)
 
         if n > 0:
             tok_s, k_t = _issue_s(q_tile, k_bufs, k_ready, zero_s, 0, NUM_STAGES, BLOCK_N, HEAD_DIM)
@@ -166,18 +186,23 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _second_consumer(dq_desc, q_smem, do_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, lse_ptr,
-                         delta_ptr, n, b, h, bh, q_row0, q_len, qk_scale, scale,
-                         NUM_STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+                         delta_ptr, o_ptr, dlse_ptr, stride_ob, stride_oh, stride_os,
+                         n, b, h, bh, q_row0, q_len, qk_scale, scale,
+                         NUM_STAGES: gl.constexpr, BLOCK_N: gl.constexpr, FUSED_DELTA: gl.constexpr,
+                         HAS_DLSE: gl.constexpr):
         """The worker-partition consumer: query rows 64-127."""
         _consumer(dq_desc, q_smem, do_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, lse_ptr, delta_ptr,
-                  n, b, h, bh, q_row0, q_len, qk_scale, scale, 1, NUM_STAGES, BLOCK_N)
+                  o_ptr, dlse_ptr, stride_ob, stride_oh, stride_os,
+                  n, b, h, bh, q_row0, q_len, qk_scale, scale, 1, NUM_STAGES, BLOCK_N, FUSED_DELTA, HAS_DLSE)
 
     @gluon.jit
     def _hopper_dq_kernel(
-        q_desc, do_desc, k_desc, v_desc, dq_desc, lse_ptr, delta_ptr, counts_ptr, idx_ptr,
+        q_desc, do_desc, k_desc, v_desc, dq_desc, lse_ptr, delta_ptr, o_ptr, dlse_ptr, counts_ptr, idx_ptr,
         H, q_len, qk_scale, scale,
+        stride_ob, stride_oh, stride_os,
         stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
-        NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+        NUM_STAGES: gl.constexpr, FUSED_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -205,39 +230,51 @@ if HAVE_GLUON:
         # Worker order: the 4-warp consumer first, so it gets a whole warpgroup, then the producer.
         gl.warp_specialize([
             (_consumer, (dq_desc, q_smem, do_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, lse_ptr,
-                         delta_ptr, n, b, h, bh, q_row0, q_len, qk_scale, scale, 0, NUM_STAGES, BLOCK_N)),
+                         delta_ptr, o_ptr, dlse_ptr, stride_ob, stride_oh, stride_os,
+                         n, b, h, bh, q_row0, q_len, qk_scale, scale, 0, NUM_STAGES, BLOCK_N, FUSED_DELTA, HAS_DLSE)),
             (_second_consumer, (dq_desc, q_smem, do_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, lse_ptr,
-                                delta_ptr, n, b, h, bh, q_row0, q_len, qk_scale, scale, NUM_STAGES, BLOCK_N)),
+                                delta_ptr, o_ptr, dlse_ptr, stride_ob, stride_oh, stride_os,
+                                n, b, h, bh, q_row0, q_len, qk_scale, scale, NUM_STAGES, BLOCK_N, FUSED_DELTA,
+                                HAS_DLSE)),
             (_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready,
                          empty, my_idx, n, b, h, q_row0, NUM_STAGES, BLOCK_N)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def kernel_launch(q, k, v, do, lse, delta, dq, kv_counts, kv_indices, scale: float,
-                  num_stages: int = NUM_STAGES):
-    """``(grid, args, kwargs)`` of one launch; shared by the launcher and the sm_90 compile test."""
+                  num_stages: int = NUM_STAGES, o=None, dlse=None):
+    """``(grid, args, kwargs)`` of one launch; shared by the launcher and the sm_90 compile test. With ``o``
+    the kernel computes ``delta`` (and writes it) instead of reading it."""
     B, H, Sq, _ = q.shape
     cs = broadcast_strides(kv_counts)
     is_ = broadcast_strides(kv_indices)
+    fused = o is not None
+    o_arg = o if fused else delta  # an unused pointer argument when delta is given
     args = (tma_descriptor(q, BLOCK), tma_descriptor(do, BLOCK), tma_descriptor(k, BLOCK), tma_descriptor(v, BLOCK),
-            tma_descriptor(dq, BLOCK // 2), lse, delta, kv_counts, kv_indices,
-            H, Sq, float(scale) * LOG2E, float(scale), cs[0], cs[1], cs[2], is_[0], is_[1], is_[2])
-    kwargs = dict(NUM_STAGES=num_stages, PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS,
-                  num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)
+            tma_descriptor(dq, BLOCK // 2), lse, delta, o_arg, dlse if dlse is not None else delta,
+            kv_counts, kv_indices, H, Sq, float(scale) * LOG2E, float(scale),
+            *(o.stride()[:3] if fused else (0, 0, 0)), cs[0], cs[1], cs[2], is_[0], is_[1], is_[2])
+    kwargs = dict(NUM_STAGES=num_stages, FUSED_DELTA=fused, HAS_DLSE=fused and dlse is not None,
+                  PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)
     grid = (triton.cdiv(Sq, BLOCK), B * H)
     return grid, args, kwargs
 
 
-def hopper_dq(q, k, v, do, lse, delta, kv_counts, kv_indices, scale: float):
+def hopper_dq(q, k, v, do, lse, delta, kv_counts, kv_indices, scale: float, o=None, dlse=None):
     """dQ of block-sparse attention on inputs :func:`._hopper_common.hopper_bwd_supported` accepted.
 
     q, do ``[B, H, Sq, 128]``; k, v ``[B, H, Skv, 128]``; lse (natural log) and delta fp32 ``[B, H, Sq]``
     contiguous; kv_counts int32 ``[B|1, H|1, Mq]``, kv_indices int32 ``[B|1, H|1, Mq, Mk]`` (last dim
-    contiguous). Returns ``dq`` shaped (and, where dense, strided) like q.
+    contiguous). Given the forward output ``o`` (``[B, H, Sq, 128]``, last dim contiguous; and optionally
+    ``dlse`` fp32 ``[B, H, Sq]`` contiguous), the kernel computes ``delta = rowsum(dO * O) - dLSE`` itself
+    and writes it into ``delta`` (then an output, for the dK/dV kernel) - no preprocess launch. Returns
+    ``dq`` shaped (and, where dense, strided) like q.
     """
     if not (lse.is_contiguous() and delta.is_contiguous() and kv_indices.stride(-1) == 1):
         raise ValueError("hopper_dq needs contiguous lse / delta and a last-dim contiguous kv_indices")
+    if o is not None and (o.stride(-1) != 1 or (dlse is not None and not dlse.is_contiguous())):
+        raise ValueError("hopper_dq needs a last-dim contiguous o and a contiguous dlse")
     dq = new_output(q)
-    grid, args, kwargs = kernel_launch(q, k, v, do, lse, delta, dq, kv_counts, kv_indices, scale)
+    grid, args, kwargs = kernel_launch(q, k, v, do, lse, delta, dq, kv_counts, kv_indices, scale, o=o, dlse=dlse)
     _hopper_dq_kernel[grid](*args, **kwargs)
     return dq

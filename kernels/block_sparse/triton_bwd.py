@@ -12,8 +12,9 @@ configs - gives the same result:
 
 On Hopper, for the inputs they take (fp16 / bf16, head dim 128, 128x128 blocks), the launcher runs the
 warp-specialised Gluon kernels of ``hopper_dkdv.py`` and ``hopper_dq.py`` in place of ``_bwd_dkdv`` and
-``_bwd_dq`` (the Gluon dK/dV: the same results, 1.4x faster at 5% density and 1.6x dense on an H200); the
-preprocess stays this one.
+``_bwd_dq`` (the Gluon dK/dV: the same results, 1.4x faster at 5% density and 1.6x dense on an H200). The
+Gluon dQ then also computes ``delta`` (from O and the dO tile it loads anyway) and writes it for the dK/dV
+kernel, so it runs first and the preprocess is not launched.
 
 The autotuned kernels declare no ``reset_to_zero`` / ``restore_value`` hooks: such a hook runs on the
 real arguments, and round 2's ``reset_to_zero=["DQ_ACC"]`` zeroed ``delta`` (passed as that argument when
@@ -454,7 +455,13 @@ def block_sparse_bwd(
         return new_output(q), new_output(k), new_output(v)
     d_pad = padded_head_dim(D)
     delta = new_output(q, (B, H, Sq), torch.float32)
-    if Sq:
+    hopper = hopper_bwd_supported(q, k, v, do, block_q, block_kv)  # both Gluon kernels take the same inputs
+    # The Gluon dQ computes delta = rowsum(dO * O) - dLSE itself and writes it for dK/dV: it runs first and
+    # there is no preprocess launch. Otherwise the preprocess writes delta for both kernels.
+    fused_delta = dq_config is None and hopper
+    if fused_delta:
+        dq = hopper_dq(q, k, v, do, lse, delta, kv_counts, kv_indices, scale, o=o, dlse=dlse)
+    elif Sq:
         _bwd_preprocess[(triton.cdiv(Sq, 128), B * H)](
             o, do, dlse if dlse is not None else delta, delta,
             o.stride(0), o.stride(1), o.stride(2),
@@ -464,7 +471,6 @@ def block_sparse_bwd(
     qk_scale = scale * LOG2E
     common = dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_Q=block_q, BLOCK_KV=block_kv)
 
-    hopper = hopper_bwd_supported(q, k, v, do, block_q, block_kv)  # both Gluon kernels take the same inputs
     if dkdv_config is None and hopper:
         dk, dv = hopper_dkdv(q, k, v, do, lse, delta, q_counts, q_indices, scale)
     else:
@@ -500,9 +506,7 @@ def block_sparse_bwd(
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 )
 
-    if dq_config is None and hopper:
-        dq = hopper_dq(q, k, v, do, lse, delta, kv_counts, kv_indices, scale)
-    else:
+    if not fused_delta:
         dq = new_output(q)
         if Sq:
             dq_tma_ok = Skv > 0 and tma_eligible(k, v)

@@ -1,6 +1,6 @@
 """Compile a Hopper Gluon kernel for sm_90 on a machine without a GPU and print what ptxas made of it.
 
-    python _hopper_sm90_compile.py KERNEL(fwd|dkdv|dq) NUM_STAGES KV_LEN BSHD(0|1) DTYPE(bfloat16|float16)
+    python _hopper_sm90_compile.py KERNEL(fwd|dkdv|dq|dq-given-delta) NUM_STAGES KV_LEN BSHD(0|1) DTYPE(bfloat16|float16)
 
 Builds the launcher's own arguments (``kernel_launch`` of ``hopper_fwd`` / ``hopper_dkdv`` / ``hopper_dq``) on CPU
 tensors - B=2, H=3, Sq=300, a batch-broadcast layout, q / k / v / do in ``[B, H, S, D]`` or as a
@@ -36,9 +36,10 @@ def launch_of(kernel, q, k, v, counts, idx, num_stages):
         launch = hopper_fwd.kernel_launch(q, k, v, torch.empty_like(q), lse, counts, idx, 0.088, num_stages)
         return hopper_fwd._hopper_fwd_kernel, launch
     delta = torch.empty(B, H, S)
-    if kernel == "dq":
+    if kernel in ("dq", "dq-given-delta"):  # the launcher's (delta computed in the kernel), the one reading it
+        fused = dict(o=torch.empty_like(q), dlse=torch.empty(B, H, S)) if kernel == "dq" else {}
         launch = hopper_dq.kernel_launch(q, k, v, torch.empty_like(q), lse, delta, torch.empty_like(q), counts, idx,
-                                         0.088, num_stages)
+                                         0.088, num_stages, **fused)
         return hopper_dq._hopper_dq_kernel, launch
     launch = hopper_dkdv.kernel_launch(q, k, v, torch.empty_like(q), lse, delta, torch.empty_like(k),
                                        torch.empty_like(v), counts, idx, 0.088, num_stages)

@@ -60,6 +60,7 @@ def test_supported_inputs(no_interpreter, monkeypatch):
     ("dkdv", hopper_dkdv, 1024, False, torch.float16),
     ("dq", hopper_dq, 1000, True, torch.bfloat16),
     ("dq", hopper_dq, 1024, False, torch.float16),
+    ("dq-given-delta", hopper_dq, 1000, True, torch.bfloat16),
 ])
 def test_compiles_for_sm90_within_limits(kernel, module, skv, bshd, dtype):
     info = compile_for_sm90(kernel, module.NUM_STAGES, skv, bshd, dtype)
@@ -70,9 +71,10 @@ def test_compiles_for_sm90_within_limits(kernel, module, skv, bshd, dtype):
 
 
 def test_backward_launcher_hands_the_hopper_kernels_their_jobs(monkeypatch):
-    """On CPU (interpreter): with the Hopper kernels said to apply, ``block_sparse_bwd`` passes them the
-    preprocess's delta, the forward's lse and the transposed (dK/dV) or forward (dQ) layout, and returns
-    their outputs. A given ``dkdv_config`` / ``dq_config`` keeps the Triton kernel."""
+    """On CPU (interpreter): with the Hopper kernels said to apply, ``block_sparse_bwd`` runs the dQ kernel
+    first with the forward's o / lse / dLSE and layout and an empty delta buffer (the kernel computes
+    delta), then hands the dK/dV kernel that same buffer, the lse and the transposed layout, and returns their
+    outputs; no preprocess runs. A given ``dkdv_config`` / ``dq_config`` keeps the Triton kernel."""
     if not _common.interpreting():
         pytest.skip("checks the dispatch with the CPU interpreter")
     B, H, S, D = 1, 2, 200, 64
@@ -81,34 +83,50 @@ def test_backward_launcher_hands_the_hopper_kernels_their_jobs(monkeypatch):
     layout = BlockLayout.from_block_mask_tensor(keep, S, S, 128, 128)
     o, lse = block_sparse_attention_reference(q.float(), k.float(), v.float(), layout, return_lse=True)
     o = o.half()
+    dlse = torch.randn(B, H, S)
     q_counts, q_indices = transpose_layout_tensors(layout.kv_counts, layout.kv_indices, 2)
-    calls = {"dkdv": [], "dq": []}
+    calls = {"dkdv": [], "dq": [], "preprocess": 0}
 
     def fake_dkdv(*args):
         calls["dkdv"].append(args)
         return torch.full_like(k, 1.5), torch.full_like(v, -2.5)
 
-    def fake_dq(*args):
-        calls["dq"].append(args)
+    def fake_dq(*args, o=None, dlse=None):
+        calls["dq"].append((args, o, dlse))
+        args[5].fill_(7.0)  # stands for the delta the kernel writes
         return torch.full_like(q, 0.5)
+
+    class CountingPreprocess:
+        def __getitem__(self, grid):
+            calls["preprocess"] += 1
+            return lambda *a, **kw: None
 
     monkeypatch.setattr(triton_bwd, "hopper_bwd_supported", lambda *a: True)
     monkeypatch.setattr(triton_bwd, "hopper_dkdv", fake_dkdv)
     monkeypatch.setattr(triton_bwd, "hopper_dq", fake_dq)
-    args = (do, None, q, k, v, o, lse, layout.kv_counts, layout.kv_indices, q_counts, q_indices, 0.125, 128, 128)
+    real_preprocess = triton_bwd._bwd_preprocess
+    monkeypatch.setattr(triton_bwd, "_bwd_preprocess", CountingPreprocess())
+    args = (do, dlse, q, k, v, o, lse, layout.kv_counts, layout.kv_indices, q_counts, q_indices, 0.125, 128, 128)
     dq, dk, dv = triton_bwd.block_sparse_bwd(*args)
-    assert len(calls["dkdv"]) == len(calls["dq"]) == 1
+    assert len(calls["dkdv"]) == len(calls["dq"]) == 1 and calls["preprocess"] == 0
+    (cq, ck, cv, cdo, clse, cdelta_q, ckc, cki, cscale), co, cdlse = calls["dq"][0]
+    assert cq is q and ck is k and cv is v and cdo is do and clse is lse and cscale == 0.125
+    assert ckc is layout.kv_counts and cki is layout.kv_indices and co is o and cdlse is dlse
+    assert cdelta_q.shape == (B, H, S) and cdelta_q.dtype == torch.float32 and cdelta_q.is_contiguous()
     (cq, ck, cv, cdo, clse, cdelta, cqc, cqi, cscale) = calls["dkdv"][0]
     assert cq is q and ck is k and cv is v and cdo is do and clse is lse and cscale == 0.125
     assert cqc is q_counts and cqi is q_indices
-    torch.testing.assert_close(cdelta, (do.float() * o.float()).sum(-1), rtol=2e-3, atol=2e-3)
-    (cq, ck, cv, cdo, clse, cdelta_q, ckc, cki, cscale) = calls["dq"][0]
-    assert cq is q and ck is k and cv is v and cdo is do and clse is lse and cscale == 0.125
-    assert ckc is layout.kv_counts and cki is layout.kv_indices and cdelta_q is cdelta
+    assert cdelta is cdelta_q and (cdelta == 7.0).all()  # what the dQ kernel wrote
     assert (dk == 1.5).all() and (dv == -2.5).all() and (dq == 0.5).all()
+    monkeypatch.setattr(triton_bwd, "_bwd_preprocess", real_preprocess)
     ref = triton_bwd.block_sparse_bwd(*args, dkdv_config=(128, 128, 4, 1), dq_config=(128, 128, 4, 1))
     assert len(calls["dkdv"]) == len(calls["dq"]) == 1  # the explicit configs kept the Triton kernels
     assert not (ref[0] == 0.5).all() and not (ref[1] == 1.5).all()
+    # a given dq_config alone: the Triton dQ, and the preprocess (not the dQ kernel) writes the delta that
+    # the Gluon dK/dV gets
+    monkeypatch.setattr(triton_bwd, "_bwd_preprocess", CountingPreprocess())
+    triton_bwd.block_sparse_bwd(*args, dq_config=(128, 128, 4, 1))
+    assert calls["preprocess"] == 1 and len(calls["dq"]) == 1 and len(calls["dkdv"]) == 2
 
 
 def _reference_grads(q, k, v, do, layout, scale):
@@ -149,7 +167,14 @@ def test_matches_reference_on_hopper(monkeypatch, dtype, S, Skv, bshd, broadcast
     counts, idx = layout.kv_counts, layout.kv_indices
     slots = torch.arange(mk, device="cuda")
     rev = torch.where(slots < counts[..., None], counts[..., None] - 1 - slots, slots)
-    dq = hopper_dq.hopper_dq(q, k, v, do, lse.contiguous(), delta, counts, idx.gather(-1, rev).contiguous(), scale)
+    rev_idx = idx.gather(-1, rev).contiguous()
+    dq = hopper_dq.hopper_dq(q, k, v, do, lse.contiguous(), delta, counts, rev_idx, scale)
+    # the launcher's way: the dQ kernel computes delta from o (in the inputs' dtype and layout) and dLSE
+    o_low = torch.empty_like(q).copy_(o)
+    dlse = torch.randn(B, H, S, device="cuda")
+    delta_out = torch.full_like(delta, float("nan"))
+    dq_fused = hopper_dq.hopper_dq(q, k, v, do, lse.contiguous(), delta_out, counts, rev_idx, scale, o=o_low,
+                                   dlse=dlse)
     torch.cuda.synchronize()
     assert dk.stride() == k.stride() and dv.stride() == v.stride() and dq.stride() == q.stride()
     for name, got, want in (("dk", dk, dk_ref), ("dv", dv, dv_ref), ("dq", dq, dq_ref)):
@@ -157,6 +182,11 @@ def test_matches_reference_on_hopper(monkeypatch, dtype, S, Skv, bshd, broadcast
         assert _rel(got, want) < 2e-2, name
     assert (dk[:, :, 256:384] == 0).all() and (dv[:, :, 256:384] == 0).all()
     assert (dq[:, :, :128] == 0).all()  # query block 0 keeps nothing
+    delta_want = (do.float() * o_low.float()).sum(-1) - dlse
+    torch.testing.assert_close(delta_out, delta_want, rtol=1e-4, atol=1e-4)
+    dq_want = hopper_dq.hopper_dq(q, k, v, do, lse.contiguous(), delta_want.contiguous(), counts, rev_idx, scale)
+    assert _rel(dq_fused, dq_want.float()) < 1e-3
+    assert (dq_fused[:, :, :128] == 0).all()
 
 
 @needs_hopper
@@ -191,4 +221,15 @@ def test_public_api_gradients_match_the_triton_kernels(monkeypatch):
     monkeypatch.setenv("DIT_SPARSE_HOPPER_BWD", "0")
     triton_grads = torch.autograd.grad(block_sparse_attention(q, k, v, layout), (q, k, v), g)
     for got, want in zip(grads, triton_grads):
+        assert _rel(got, want.float()) < 1e-2
+    # with a loss on the returned log-sum-exp too (dLSE enters the dQ kernel's delta)
+    w = torch.randn(B, H, S, device="cuda")
+
+    def loss_grads():
+        o, lse = block_sparse_attention(q, k, v, layout, return_lse=True)
+        return torch.autograd.grad((o.float() * g).sum() + (lse * w).sum(), (q, k, v))
+
+    triton_grads = loss_grads()
+    monkeypatch.setenv("DIT_SPARSE_HOPPER_BWD", "1")
+    for got, want in zip(loss_grads(), triton_grads):
         assert _rel(got, want.float()) < 1e-2
