@@ -24,7 +24,7 @@ from dit_sparse.kernels.block_sparse.function import block_sparse_fwd_op
 from dit_sparse.kernels.block_sparse.layout_ops import cached_transpose, transpose_layout_tensors
 
 from _hopper_helpers import SMEM_LIMIT, triton_sm90_smem
-from _tolerances import tol32
+from _tolerances import assert_close, tol32
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,20 +34,6 @@ FEW = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def assert_close(name: str, ref: torch.Tensor, actual: torch.Tensor, ratio: float, floor: float = 0.0) -> None:
-    """Relative RMS error ``rms(actual - ref) / max(rms(ref), floor) <= ratio`` (plus 1e-6 absolute).
-
-    ``floor`` is the scale of the quantities the result is computed from, for results that are 0 in exact
-    arithmetic but not in rounding (dK of a single key: a softmax over one key has zero gradient).
-    """
-    assert actual.shape == ref.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    diff = (actual.double() - ref.double()).pow(2).mean().sqrt().item() if ref.numel() else 0.0
-    base = ref.double().pow(2).mean().sqrt().item() if ref.numel() else 0.0
-    base = max(base, floor)
-    assert diff <= ratio * base + 1e-6, f"{name}: relative RMS error {diff / max(base, 1e-30):.3g} > {ratio}"
-
-
 def random_layout(b, h, q_len, kv_len, block_q, block_kv, density, seed) -> BlockLayout:
     """Layout whose blocks are kept with probability ``density`` (0 and 1 give empty / dense)."""
     mq, mk = math.ceil(q_len / block_q), math.ceil(kv_len / block_kv)

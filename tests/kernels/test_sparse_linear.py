@@ -19,7 +19,7 @@ from dit_sparse.kernels.sparse_linear import (
 )
 
 from _hopper_helpers import SMEM_LIMIT, triton_sm90_smem
-from _tolerances import tol32
+from _tolerances import assert_close, tol32
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -31,15 +31,6 @@ TOL = {torch.float32: (tol32(1e-5), tol32(1e-4)), torch.float16: (4e-3, 2e-2), t
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def assert_close(name: str, ref: torch.Tensor, actual: torch.Tensor, ratio: float) -> None:
-    """Relative RMS error ``rms(actual - ref) / rms(ref) <= ratio`` (plus 1e-6 absolute)."""
-    assert actual.shape == ref.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    diff = (actual.double() - ref.double()).pow(2).mean().sqrt().item()
-    base = ref.double().pow(2).mean().sqrt().item()
-    assert diff <= ratio * base + 1e-6, f"{name}: relative RMS error {diff / max(base, 1e-30):.3g} > {ratio}"
-
-
 def edge_layout(b, h, q_len, kv_len, block_q, block_kv, density, seed) -> BlockLayout:
     """Random blocks kept with probability ``density``; then query block 0 keeps every key block, block 1
     exactly one and block 2 none (where they exist), so every kind of row is in every test."""
@@ -82,9 +73,12 @@ def check_against_reference(q, k, v, do_s, do_l, layout, feature_map, backend, s
         q.double(), k.double(), v.double(), do_s.double(), do_l.double(),
     )
     tols = (fwd_tol,) * 2 + (grad_tol,) * 3
+    # gradients that are 0 in exact arithmetic (a single key: P = 1, O = V, dS = dO.V - dO.O) are rounding
+    # residue in TF32: measured against the sparse output's scale, which sets dP's
+    floor = ref[0].pow(2).mean().sqrt().item() if ref[0].numel() else 0.0
     for name, r, a, tol in zip(("o_sparse", "o_linear", "dq", "dk", "dv"), ref, got, tols):
         assert a.dtype == q.dtype, f"{name}: dtype {a.dtype} != {q.dtype}"
-        assert_close(f"{backend}/{feature_map}/{name}", r, a, tol)
+        assert_close(f"{backend}/{feature_map}/{name}", r, a, tol, floor=floor if name[0] == "d" else 0.0)
     return got
 
 
