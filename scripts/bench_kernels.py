@@ -317,7 +317,10 @@ def build_markdown(info, rows, checks, tune_rows, best_configs) -> str:
         f"CUDA {info['cuda']} | cuDNN {info['cudnn']}",
         "",
         f"Kernels of `ours`: forward {info.get('fwd_kernel', 'triton')}, dK/dV {info.get('dkdv_kernel', 'triton')}, "
-        f"dQ {info.get('dq_kernel', 'triton')} (backward preprocess: Triton). `ours-triton` is the portable Triton "
+        f"dQ {info.get('dq_kernel', 'triton')} ("
+        + ("delta computed by the Gluon dQ kernel, no preprocess launch" if str(info.get("dq_kernel", "")).startswith(
+            "hopper") else "backward preprocess: Triton")
+        + "). `ours-triton` is the portable Triton "
         "kernels on the same inputs "
         "(`DIT_SPARSE_HOPPER_FWD=0 DIT_SPARSE_HOPPER_BWD=0`).",
         "",
