@@ -78,6 +78,21 @@ def broadcast_strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride()))
 
 
+def bhs_strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """Batch, head and row strides of each ``[B, H, S, ...]`` tensor, one tensor after another: the stride
+    arguments of the kernels' launches."""
+    return tuple(stride for t in tensors for stride in t.stride()[:3])
+
+
+def tma_ready(wanted: bool, *tensors: torch.Tensor) -> bool:
+    """Whether a launch reads ``tensors`` through TMA: ``wanted`` (the launch has rows to read) and
+    :func:`tma_eligible`; if so, Triton's scratch allocator for in-kernel descriptors is set up."""
+    ready = wanted and tma_eligible(*tensors)
+    if ready:
+        ensure_tma_allocator(tensors[0].device)
+    return ready
+
+
 def tma_eligible(*tensors: torch.Tensor) -> bool:
     """Whether the kernels may read these ``[B, H, S, D]`` tensors through TMA tensor descriptors.
 

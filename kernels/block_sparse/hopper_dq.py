@@ -42,7 +42,7 @@ bit-identical to it. Issuing S and dP together each step instead of S early was 
 
 from __future__ import annotations
 
-from ._common import LOG2E, broadcast_strides, new_output
+from ._common import LOG2E, bhs_strides, broadcast_strides, new_output
 from ._hopper_common import (
     BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, tma_descriptor,
 )
@@ -253,7 +253,7 @@ def kernel_launch(q, k, v, do, lse, delta, dq, kv_counts, kv_indices, scale: flo
     args = (tma_descriptor(q, BLOCK), tma_descriptor(do, BLOCK), tma_descriptor(k, BLOCK), tma_descriptor(v, BLOCK),
             tma_descriptor(dq, BLOCK // 2), lse, delta, o_arg, dlse if dlse is not None else delta,
             kv_counts, kv_indices, H, Sq, float(scale) * LOG2E, float(scale),
-            *(o.stride()[:3] if fused else (0, 0, 0)), cs[0], cs[1], cs[2], is_[0], is_[1], is_[2])
+            *(bhs_strides(o) if fused else (0, 0, 0)), cs[0], cs[1], cs[2], is_[0], is_[1], is_[2])
     kwargs = dict(NUM_STAGES=num_stages, FUSED_DELTA=fused, HAS_DLSE=fused and dlse is not None,
                   PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)
     grid = (triton.cdiv(Sq, BLOCK), B * H)

@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    LOG2E, broadcast_strides, ensure_tma_allocator, fit_shared_memory, interpreting, new_output, padded_head_dim,
-    shared_memory_limit, tma_eligible,
+    LOG2E, bhs_strides, broadcast_strides, fit_shared_memory, interpreting, new_output, padded_head_dim,
+    shared_memory_limit, tma_ready,
 )
 from ..sparse_linear.triton_common import row_tile
 from ._hopper_common import hopper_bwd_supported
@@ -416,6 +416,21 @@ def _interpret_tma() -> bool:
     return os.environ.get("DIT_SPARSE_INTERPRET_TMA") == "1"
 
 
+def _launch(kernel, config: DkdvConfig | DqConfig | None, args: tuple, meta: dict, blocks: int, block: int,
+            bh: int, tiles: tuple[str, str]) -> None:
+    """Launch ``_bwd_dkdv`` / ``_bwd_dq`` over ``blocks`` layout blocks of ``block`` rows and ``bh`` batch x
+    heads, each program taking a tile of ``tiles[0]`` rows and stepping ``tiles[1]`` rows of the other side:
+    through its autotuner, or with ``config`` (those two tiles, warps, stages, TMA) as given."""
+    own, step = tiles
+    if config is None:
+        kernel[lambda m: (blocks * (block // m[own]), bh)](*args, **meta)
+    else:
+        own_rows, step_rows, num_warps, num_stages, tma = config
+        kernel.fn[(blocks * (block // own_rows), bh)](
+            *args, **meta, **{own: own_rows, step: step_rows}, USE_TMA=tma, num_warps=num_warps, num_stages=num_stages,
+        )
+
+
 def block_sparse_bwd(
     do: torch.Tensor,
     dlse: torch.Tensor | None,
@@ -463,9 +478,7 @@ def block_sparse_bwd(
         dq = hopper_dq(q, k, v, do, lse, delta, kv_counts, kv_indices, scale, o=o, dlse=dlse)
     elif Sq:
         _bwd_preprocess[(triton.cdiv(Sq, 128), B * H)](
-            o, do, dlse if dlse is not None else delta, delta,
-            o.stride(0), o.stride(1), o.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
+            o, do, dlse if dlse is not None else delta, delta, *bhs_strides(o, do),
             H, Sq, HEAD_DIM=D, HEAD_DIM_PAD=d_pad, HAS_DLSE=dlse is not None, BLOCK=128,
         )
     qk_scale = scale * LOG2E
@@ -476,65 +489,26 @@ def block_sparse_bwd(
     else:
         dk, dv = new_output(k), new_output(v)
         if Skv:
-            dkdv_tma_ok = Sq > 0 and tma_eligible(q, do)
-            if dkdv_tma_ok:
-                ensure_tma_allocator(q.device)
-            qcs, qis = broadcast_strides(q_counts), broadcast_strides(q_indices)
             dkdv_args = (
-                q, k, v, do, lse, delta, dk, dv, q_counts, q_indices,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                do.stride(0), do.stride(1), do.stride(2),
-                dk.stride(0), dk.stride(1), dk.stride(2),
-                dv.stride(0), dv.stride(1), dv.stride(2),
-                qcs[0], qcs[1], qcs[2],
-                qis[0], qis[1], qis[2],
-                H, Sq, Skv, qk_scale, scale,
+                q, k, v, do, lse, delta, dk, dv, q_counts, q_indices, *bhs_strides(q, k, v, do, dk, dv),
+                *broadcast_strides(q_counts), *broadcast_strides(q_indices)[:3], H, Sq, Skv, qk_scale, scale,
             )
-            dkdv_meta = dict(common, EVEN_Q=Sq % block_q == 0, TMA_OK=dkdv_tma_ok)
-            mk = triton.cdiv(Skv, block_kv)
+            dkdv_meta = dict(common, EVEN_Q=Sq % block_q == 0, TMA_OK=tma_ready(Sq > 0, q, do))
             if dkdv_config is None and interpreting():
                 dkdv_config = DkdvConfig(block_kv, block_q, 4, 1, _interpret_tma())  # whole blocks: fewer steps
-            if dkdv_config is None:
-                grid = lambda meta: (mk * (block_kv // meta["BLOCK_N1"]), B * H)  # noqa: E731
-                _bwd_dkdv[grid](*dkdv_args, **dkdv_meta)
-            else:
-                cfg = DkdvConfig(*dkdv_config)
-                _bwd_dkdv.fn[(mk * (block_kv // cfg.block_n1), B * H)](
-                    *dkdv_args, **dkdv_meta, BLOCK_N1=cfg.block_n1, BLOCK_M1=cfg.block_m1, USE_TMA=cfg.tma,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                )
+            _launch(_bwd_dkdv, None if dkdv_config is None else DkdvConfig(*dkdv_config), dkdv_args, dkdv_meta,
+                    triton.cdiv(Skv, block_kv), block_kv, B * H, ("BLOCK_N1", "BLOCK_M1"))
 
     if not fused_delta:
         dq = new_output(q)
         if Sq:
-            dq_tma_ok = Skv > 0 and tma_eligible(k, v)
-            if dq_tma_ok:
-                ensure_tma_allocator(q.device)
-            kcs, kis = broadcast_strides(kv_counts), broadcast_strides(kv_indices)
             dq_args = (
-                q, k, v, do, lse, delta, dq, kv_counts, kv_indices,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                do.stride(0), do.stride(1), do.stride(2),
-                dq.stride(0), dq.stride(1), dq.stride(2),
-                kcs[0], kcs[1], kcs[2],
-                kis[0], kis[1], kis[2],
-                H, Sq, Skv, qk_scale, scale,
+                q, k, v, do, lse, delta, dq, kv_counts, kv_indices, *bhs_strides(q, k, v, do, dq),
+                *broadcast_strides(kv_counts), *broadcast_strides(kv_indices)[:3], H, Sq, Skv, qk_scale, scale,
             )
-            dq_meta = dict(common, EVEN_KV=Skv % block_kv == 0, TMA_OK=dq_tma_ok)
-            mq = triton.cdiv(Sq, block_q)
+            dq_meta = dict(common, EVEN_KV=Skv % block_kv == 0, TMA_OK=tma_ready(Skv > 0, k, v))
             if dq_config is None and interpreting():
                 dq_config = DqConfig(block_q, block_kv, 4, 1, _interpret_tma())
-            if dq_config is None:
-                grid = lambda meta: (mq * (block_q // meta["BLOCK_M2"]), B * H)  # noqa: E731
-                _bwd_dq[grid](*dq_args, **dq_meta)
-            else:
-                cfg = DqConfig(*dq_config)
-                _bwd_dq.fn[(mq * (block_q // cfg.block_m2), B * H)](
-                    *dq_args, **dq_meta, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, USE_TMA=cfg.tma,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                )
+            _launch(_bwd_dq, None if dq_config is None else DqConfig(*dq_config), dq_args, dq_meta,
+                    triton.cdiv(Sq, block_q), block_q, B * H, ("BLOCK_M2", "BLOCK_N2"))
     return dq, dk, dv

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    LOG2E, broadcast_strides, ensure_tma_allocator, fit_shared_memory, interpreting, new_output, padded_head_dim,
-    shared_memory_limit, tma_eligible,
+    LOG2E, bhs_strides, broadcast_strides, fit_shared_memory, interpreting, new_output, padded_head_dim,
+    shared_memory_limit, tma_ready,
 )
 from ..sparse_linear.triton_common import linear_rows
 from .layout_ops import full_rows_hint
@@ -290,9 +290,7 @@ def block_sparse_fwd(
     lse = new_output(q, (B, H, Sq), torch.float32)
     if Sq == 0 or B * H == 0:
         return o, lse
-    tma_ok = Skv > 0 and tma_eligible(k, v)
-    if tma_ok:
-        ensure_tma_allocator(q.device)
+    tma_ok = tma_ready(Skv > 0, k, v)
     if full_rows is None:
         full_rows = full_rows_hint(kv_counts, kv_indices.shape[-1])
     cs = broadcast_strides(kv_counts)
@@ -301,12 +299,7 @@ def block_sparse_fwd(
     lin_out, lin_r, lin_z = (linear.out, linear.r, linear.z) if linear is not None else (o, o, lse)
     args = (
         q, k, v, o, lse, kv_counts, kv_indices, lin_out, lin_r, lin_z,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        cs[0], cs[1], cs[2],
-        is_[0], is_[1], is_[2],
+        *bhs_strides(q, k, v, o), *cs[:3], *is_[:3],
         H, Sq, Skv, scale * LOG2E, linear.eps if linear is not None else 0.0,
     )
     meta = dict(

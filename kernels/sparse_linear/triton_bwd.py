@@ -32,7 +32,7 @@ import triton.language as tl
 
 from dit_sparse.block_layout import cdiv
 
-from ..block_sparse._common import padded_head_dim
+from ..block_sparse._common import bhs_strides, padded_head_dim
 from ..block_sparse.layout_ops import cached_transpose
 from ..block_sparse.triton_bwd import block_sparse_bwd
 from .triton_common import linear_state, phi_bwd, phi_fwd, row_tile
@@ -171,11 +171,7 @@ def sla_backward(
     inv = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     dden = torch.empty_like(inv)
     _sla_lin_dq_kernel[(mq, b * h)](
-        q, do_l, r, z, dq, inv, dden, counts,
-        q.stride(0), q.stride(1), q.stride(2),
-        do_l.stride(0), do_l.stride(1), do_l.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        counts.stride(0), counts.stride(1), counts.stride(2),
+        q, do_l, r, z, dq, inv, dden, counts, *bhs_strides(q, do_l, dq, counts),
         h, sq, mk, eps, BLOCK_M=block_q, **fm, num_warps=_num_warps(block_q),
     )
     del r, z
@@ -189,11 +185,7 @@ def sla_backward(
     del d_rq, d_zq
     rows = dkdv_rows(block_kv, q.element_size())
     _sla_lin_dkdv_kernel[(cdiv(sk, rows), b * h)](
-        k, v, d_h, d_z, dk, dv,
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
+        k, v, d_h, d_z, dk, dv, *bhs_strides(k, v, dk, dv),
         h, sk, BLOCK_N=block_kv, ROWS=rows, **fm, num_warps=_num_warps(rows),
     )
     return dq, dk, dv

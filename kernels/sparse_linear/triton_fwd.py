@@ -42,7 +42,7 @@ import triton.language as tl
 
 from dit_sparse.block_layout import cdiv
 
-from ..block_sparse._common import padded_head_dim
+from ..block_sparse._common import bhs_strides, padded_head_dim
 from ..block_sparse.hopper_fwd import hopper_block_sparse_fwd, hopper_fwd_supported
 from ..block_sparse.triton_fwd import LinearBranch, block_sparse_fwd
 from .triton_common import interpret_mode, linear_rows, row_tile
@@ -88,7 +88,7 @@ def linear_output(q: torch.Tensor, branch: LinearBranch, block_q: int) -> torch.
     b, h, sq, d = q.shape
     grid = (cdiv(sq, block_q), b * h)
     _linear_output_kernel[grid](
-        q, branch.out, branch.r, branch.z, q.stride(0), q.stride(1), q.stride(2), h, sq, branch.eps,
+        q, branch.out, branch.r, branch.z, *bhs_strides(q), h, sq, branch.eps,
         HEAD_DIM=d, HEAD_DIM_PAD=padded_head_dim(d), BLOCK_M=block_q, FEATURE_MAP=branch.feature_map,
         num_warps=4 if interpret_mode() else 8,
     )

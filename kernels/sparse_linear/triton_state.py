@@ -21,6 +21,7 @@ import triton.language as tl
 
 from dit_sparse.block_layout import cdiv
 
+from ..block_sparse._common import bhs_strides
 from .triton_common import phi_fwd, pick_configs, prune_tiles
 
 __all__ = ["block_states", "complement_states"]
@@ -133,8 +134,7 @@ def block_states(
 
     _block_state_kernel[grid](
         x, y, w if has_w else hs, u if has_w else hs, hs, zs,
-        x.stride(0), x.stride(1), x.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
+        *bhs_strides(x, y),
         h, s, d, m,
         BLOCK_KV=block, BLOCK_D=block_d, EVEN_D=block_d == d, FEATURE_MAP=feature_map_id, HAS_WEIGHTS=has_w,
         LOWP_DOT=lowp_dot(y, has_w),
@@ -202,8 +202,7 @@ def complement_states(
 
     _complement_kernel[grid](
         total, states, out, counts, indices,
-        counts.stride(0), counts.stride(1), counts.stride(2),
-        indices.stride(0), indices.stride(1), indices.stride(2),
+        *bhs_strides(counts, indices),
         h, m_src, m_out, feat,
     )
     return out
