@@ -383,6 +383,7 @@ def main(argv=None):
         info.update(kernel_names(q))
         hopper = any(info[f"{x}_kernel"] != "triton" for x in ("fwd", "dkdv", "dq"))
         layouts = {x: random_layout(b, h, s, x, args.seed + 1 + j, device) for j, x in enumerate(args.densities)}
+        masks = {x: layout.to_flex_block_mask() for x, layout in layouts.items()}  # the same masks for Flex
         # Check every layout we time first (the first check also runs our autotuners); a variant that
         # disagrees with FlexAttention is reported and not timed.
         bad = set()
@@ -390,7 +391,7 @@ def main(argv=None):
             layout = layouts[x]
             key = f"{shape}@{x:g}"
             try:
-                checks[key] = check_against_flex(providers, q, k, v, do, layout, layout.to_flex_block_mask())
+                checks[key] = check_against_flex(providers, q, k, v, do, layout, masks[x])
                 if not _verified(checks[key]):
                     bad.add(x)
                     picks = kernel_picks(triton_fwd, triton_bwd)
@@ -400,9 +401,8 @@ def main(argv=None):
                 checks[key] = {"error": traceback.format_exc(limit=1).strip().splitlines()[-1]}
                 bad.add(x)
             print(f"[{shape}] check vs flex d={x:g}: {checks[key]}", flush=True)
-        jobs = masks = None  # hold q, k, v, do: dropped with them below
+        jobs = None  # holds q, k, v, do: dropped with them below
         for mode in args.modes:
-            masks = {x: layout.to_flex_block_mask() for x, layout in layouts.items()}
             # "ours-triton": "ours" with the Hopper kernels off (the portable Triton kernels), where they apply
             names = ("flex", "ours") + (("ours-triton",) if hopper else ())
             jobs = {(name, None): functools.partial(time_provider, providers[name], q, k, v, do, None, None, mode,

@@ -262,8 +262,8 @@ def ratio_select_cell(r: dict):
 def to_markdown(payload: dict) -> str:
     env = payload["env"]
     headers = ["shape", "rule", "TopK takes", "kv blocks", "kept (mean)", "chain build", "fused build", "speedup",
-               "chain mask", "fused mask", "pool", "select ms", "sort / bisect ms", "pool GB/s", "chain host us", "fused host us",
-               "attn ms", "chain share", "fused share", "rows differ"]
+               "chain mask", "fused mask", "pool", "select ms", "sort / bisect ms", "pool GB/s", "chain host us",
+               "fused host us", "attn ms", "chain share", "fused share", "rows differ"]
     rows = []
     for r in payload["results"]:
         if "error" in r:
@@ -272,8 +272,8 @@ def to_markdown(payload: dict) -> str:
         share = (lambda x: None if x is None else f"{100 * x:.2f}%")
         rows.append([r["shape"], r["rule"], r["topk_path"], r["kv_blocks"], r["mean_kept_blocks"],
                      r["chain_build_ms"], r["fused_build_ms"], r["speedup"], r["chain_mask_ms"], r["fused_mask_ms"],
-                     r["pool_ms"], r["select_ms"], ratio_select_cell(r), r["pool_gbps"], r["chain_host_us"], r["fused_host_us"],
-                     r.get("attn_ms"), share(r.get("chain_share")), share(r.get("fused_share")),
+                     r["pool_ms"], r["select_ms"], ratio_select_cell(r), r["pool_gbps"], r["chain_host_us"],
+                     r["fused_host_us"], r.get("attn_ms"), share(r.get("chain_share")), share(r.get("fused_share")),
                      f"{r['rows_differ']}/{r['rows']}"])
     md = (
         "# TopK layout build: PyTorch chain vs fused Triton (GPU)\n\n"

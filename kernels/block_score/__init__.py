@@ -8,8 +8,6 @@ pattern cache's drift check).
   with on the Triton backend), with its per-row reference
 * ``sampled_mass.py`` - softmax mass per key block of a few sampled query rows (what ``SpatioTemporal``
   classifies heads by), without the sampled rows' logits in memory
-* ``sampled_mass.py`` - softmax mass per key block of a few sampled query rows (what ``SpatioTemporal``
-  classifies heads by), without the sampled rows' logits in memory
 * ``torch_backend.py``- vectorised PyTorch path for CPU
 * ``naive.py``        - readable fp32 reference for tests
 """

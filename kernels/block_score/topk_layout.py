@@ -181,7 +181,7 @@ def _nth_by_sort(ordered, col_ok, logit, Mk, n_floor, threshold_bits, THRESHOLD:
 def _kept(ordered, col_ok, logit, Mk, n_floor, threshold_bits, THRESHOLD: tl.constexpr, BISECT: tl.constexpr,
           K: tl.constexpr):
     # Which blocks each row keeps: the n with the largest order values, ties to the lower index.
-    if BISECT and not THRESHOLD:
+    if BISECT:  # the ratio rule only (the launcher's choice)
         n = n_floor
         nth = _nth_by_bisection(ordered, col_ok, n)
     else:
@@ -333,8 +333,8 @@ def topk_select_triton(
     # The sort of the ratio rule needs only the n_floor largest (bitonic top-k of a power of two >= n_floor,
     # and >= 2: Triton 3.6's top-1 of a single row reduces the row to a scalar and fails); the threshold
     # rule sorts the whole row for its prefix sums.
-    sort_ratio = threshold is None and ratio_select == "sort"
-    top = min(bn, max(2, triton.next_power_of_2(n_floor))) if sort_ratio else bn  # K: unused by bisection
+    bisect = threshold is None and ratio_select == "bisect"
+    top = bn if threshold is not None or bisect else min(bn, max(2, triton.next_power_of_2(n_floor)))  # K
     tail = kv_len - block_kv * (mk - 1)
     tail_log = math.log(tail / block_kv)
     dev = q_t.device
@@ -347,7 +347,7 @@ def topk_select_triton(
     _topk_select_kernel[(cdiv(mq, bm), b * h)](
         q_t, k_t, counts, out, mq, mk, d, float(scale), float(tail_log), int(n_floor),
         _f64_bits(threshold if threshold is not None else 0.5),
-        THRESHOLD=threshold is not None, BISECT=threshold is None and ratio_select == "bisect",
+        THRESHOLD=threshold is not None, BISECT=bisect,
         OUT_MASK=out_mask, K=top, BM=bm, BN=bn,
         DU=min(8, triton.next_power_of_2(d)), num_warps=num_warps,
     )
