@@ -320,7 +320,11 @@ def build_markdown(info, rows, checks, tune_rows, best_configs) -> str:
         f"dQ {info.get('dq_kernel', 'triton')} ("
         + ("delta computed by the Gluon dQ kernel, no preprocess launch" if str(info.get("dq_kernel", "")).startswith(
             "hopper") else "backward preprocess: Triton")
-        + "). `ours-triton` is the portable Triton "
+        + ")"
+        + ("; Gluon forward schedule: " + ", ".join(f"{k} {v}" for k, v in info["fwd_schedule"].items())
+           + " (its consumer warpgroups take turns issuing MMAs where one head's K + V exceed half the L2)"
+           if info.get("fwd_schedule") else "")
+        + ". `ours-triton` is the portable Triton "
         "kernels on the same inputs "
         "(`DIT_SPARSE_HOPPER_FWD=0 DIT_SPARSE_HOPPER_BWD=0`).",
         "",
@@ -381,6 +385,10 @@ def main(argv=None):
         g = torch.Generator(device=device).manual_seed(args.seed)
         q, k, v, do = (torch.randn(b, h, s, d, generator=g, device=device, dtype=torch.bfloat16) for _ in range(4))
         info.update(kernel_names(q))
+        if info["fwd_kernel"] != "triton":
+            from dit_sparse.kernels.block_sparse.hopper_fwd import pingpong_wanted
+
+            info.setdefault("fwd_schedule", {})[shape] = "ping-pong" if pingpong_wanted(k) else "free"
         hopper = any(info[f"{x}_kernel"] != "triton" for x in ("fwd", "dkdv", "dq"))
         layouts = {x: random_layout(b, h, s, x, args.seed + 1 + j, device) for j, x in enumerate(args.densities)}
         masks = {x: layout.to_flex_block_mask() for x, layout in layouts.items()}  # the same masks for Flex

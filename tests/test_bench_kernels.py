@@ -49,3 +49,11 @@ def test_rounds_option(bench):
     assert bench.parse_args(["--rounds", "3"]).rounds == 3
     with pytest.raises(SystemExit):
         bench.parse_args(["--rounds", "0"])
+
+
+def test_markdown_names_the_forward_schedule_per_shape(bench):
+    info = dict(gpu="H200", date="d", torch="t", triton="tr", cuda="c", cudnn=1, fwd_kernel="hopper (Gluon)",
+                dkdv_kernel="hopper (Gluon)", dq_kernel="hopper (Gluon)")
+    assert "schedule" not in bench.build_markdown(info, [], {}, [], {})
+    info["fwd_schedule"] = {"wan": "free", "hunyuan": "ping-pong"}
+    assert "Gluon forward schedule: wan free, hunyuan ping-pong" in bench.build_markdown(info, [], {}, [], {})

@@ -20,7 +20,6 @@ import torch
 
 from . import triton_bwd, triton_fwd
 from .hopper_fwd import hopper_block_sparse_fwd, hopper_fwd_supported
-from .layout_ops import full_rows_hint
 
 __all__ = ["block_sparse_fwd_op", "block_sparse_bwd_op"]
 
@@ -48,8 +47,7 @@ def block_sparse_fwd_op(
     c = _last_dim_contiguous
     q, k, v, kv_counts, kv_indices = c(q), c(k), c(v), c(kv_counts), c(kv_indices)
     if hopper_fwd_supported(q, k, v, block_q, block_kv):
-        full = full_rows_hint(kv_counts, kv_indices.shape[-1])
-        return hopper_block_sparse_fwd(q, k, v, kv_counts, kv_indices, scale, full_rows=full)
+        return hopper_block_sparse_fwd(q, k, v, kv_counts, kv_indices, scale)
     return triton_fwd.block_sparse_fwd(q, k, v, kv_counts, kv_indices, scale, block_q, block_kv)
 
 

@@ -16,8 +16,11 @@ One CTA per (query block, batch x head), grid ``(Mq, B*H)``, 12 warps in three p
   ``warpgroup_mma`` from shared memory, online softmax in registers (exp2, ``scale * log2(e)`` folded in),
   P cast to q's dtype and kept in registers as the A operand of ``O += P V``. Inside each warpgroup the loop
   is software-pipelined: ``S_{j+1}`` and ``P_j V_j`` are issued back to back and the softmax of j+1 runs
-  while ``P_j V_j`` is still in the tensor core. The two warpgroups drift freely, so one's softmax also
-  overlaps the other's MMAs.
+  while ``P_j V_j`` is still in the tensor core. Where K / V stay in L2 the two warpgroups drift freely, so
+  one's softmax also overlaps the other's MMAs; where they stream from HBM (:func:`pingpong_wanted`) they
+  take turns issuing each step's MMAs through two ``turn`` mbarriers (``PINGPONG``, FA3's schedule), which is
+  7-16% faster there. Each warpgroup issues the same MMAs in the same order either way, so the results are
+  bit-identical.
 
 The TMA descriptors are 4-D over q / k / v / o as given (``[B, H, S, D]`` with their own strides, so a
 ``[B, S, H, D]`` buffer seen as ``[B, H, S, D]`` is read in place). Key rows past ``Skv`` arrive as zeros and
@@ -27,13 +30,12 @@ The output tile is staged in the query buffer (each consumer overwrites only its
 
 Measured on an H200 (bf16, Wan-480p B1 H12 S=32760 D128, random 128-blocks, 2026-11-30, against cuDNN
 dense in the same run; effective rate = cuDNN time x density / time): 0.96 / 0.97 / 1.04 at 5 / 10 / 25%
-with 3 stages, against 0.69 / 0.76 / 0.80 for the Triton kernel; at 100% 2 stages reach 1.06 (3 stages
-0.95, the Triton kernel 0.90) - so a layout known to be dense (``full_rows_hint``) runs 2 stages. A later
-run timing both depths on the same layouts found 2 stages faster also for sparse layouts at Wan-480p,
-whose K / V per head fit in the L2, and 3 faster at Hunyuan-720p, whose do not (:func:`ring_depth`). A
-single 8-warp consumer ("ws1") reached only 0.77 / 0.82 / 0.84 / 0.86 and was dropped. Through the public
-API in ``scripts/bench_kernels.py`` (its layouts, Wan-480p and Hunyuan-720p, 5 to 100%): 0.88-1.07
-(``benchmarks/kernels.md``).
+with 3 stages, against 0.69 / 0.76 / 0.80 for the Triton kernel. Later runs timing ring depths and
+schedules on the same layouts found a 2-stage ring as fast or faster everywhere (at Wan-480p up to 8%;
+at Hunyuan-720p 3 stages had helped only while the warpgroups drifted freely), so the ring has 2.
+A single 8-warp consumer ("ws1") reached only 0.77 / 0.82 / 0.84 / 0.86 and was dropped. Through the
+public API in ``scripts/bench_kernels.py`` (its layouts, Wan-480p and Hunyuan-720p, 5 to 100%): see
+``benchmarks/kernels.md``.
 """
 
 from __future__ import annotations
@@ -46,29 +48,30 @@ from ._hopper_common import (
     tma_descriptor,
 )
 
-__all__ = ["hopper_fwd_supported", "hopper_block_sparse_fwd", "kernel_launch", "ring_depth"]
+__all__ = ["hopper_fwd_supported", "hopper_block_sparse_fwd", "kernel_launch", "pingpong_wanted"]
 
 NUM_CONSUMERS = 2
-STAGES_SPARSE = 3
-STAGES_DENSE = 2
-# A sparse layout whose K + V of one (batch, head) take at most this fraction of the L2 runs STAGES_DENSE.
+NUM_STAGES = 2  # depth of the K / V ring
+# K + V of one (batch, head) above this fraction of the L2: the consumers take turns (pingpong_wanted).
 L2_RESIDENT_FRACTION = 0.5
 
 
-def ring_depth(k: torch.Tensor, full_rows: bool, l2_bytes: int | None = None) -> int:
-    """Depth of the K / V ring: 2 stages for a layout known to be dense, and for a sparse one whose K and V
-    of one (batch, head) fit in half the L2 (the programs of a wave work on one or two heads, so their
-    key-block reads mostly hit L2 there and a third stage only costs); 3 where they stream from HBM.
+def pingpong_wanted(k: torch.Tensor, l2_bytes: int | None = None) -> bool:
+    """Whether the two consumers should take turns issuing their MMAs (``PINGPONG``): where the K and V of
+    one (batch, head) exceed half the L2, so key blocks stream from HBM. There the freely drifting
+    warpgroups tend to wait on the same loads and then contend for the tensor core together; taking turns
+    keeps one's softmax under the other's MMAs. Where K / V stay in L2 the turns only cost.
 
-    H200 (50 MB L2), bf16, random 128-blocks, one run (2026-11-30): Wan-480p (16.8 MB of K + V per head)
-    2 stages 0.62 / 1.24 / 2.80 ms against 3 stages 0.68 / 1.30 / 3.06 at 5 / 10 / 25%; Hunyuan-720p
-    (60.8 MB per head) 3 stages 16.0 / 31.4 / 77.2 against 16.2 / 33.7 / 78.3."""
-    if full_rows:
-        return STAGES_DENSE
+    H200 (50 MB L2), bf16, random 128-blocks, ms, two rounds each, same run (2026-11-30 23:00 UTC), 2-stage
+    ring free / ping-pong: Hunyuan-720p (60.8 MB of K + V per head) 17.1-17.4 / 15.4-15.7 at 5%,
+    33.1-33.6 / 29.7-30.4 at 10%, 80.2-81.9 / 74.3-76.4 at 25%, 312 / 289 dense; Wan-480p (16.8 MB)
+    0.63-0.66 / 0.64 at 5%, 1.22-1.24 / 1.20-1.22 at 10%, 2.83-3.02 / 2.86-2.89 at 25%, 11.05-11.08 /
+    11.20-11.24 dense. A 3-stage ring, free or ping-pong, was nowhere faster than 2 stages ping-pong."""
     if l2_bytes is None:
         l2_bytes = torch.cuda.get_device_properties(k.device).L2_cache_size
     per_head = 2 * k.shape[2] * k.shape[3] * k.element_size()
-    return STAGES_DENSE if per_head <= L2_RESIDENT_FRACTION * l2_bytes else STAGES_SPARSE
+    return per_head > L2_RESIDENT_FRACTION * l2_bytes
+
 
 if HAVE_GLUON:
     import triton
@@ -141,15 +144,30 @@ if HAVE_GLUON:
         return tok, k_t
 
     @gluon.jit
-    def _consumer_loop(q_tile, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, idx_ptr, count, kv_len,
+    def _turn_wait(turn, k, WG: gl.constexpr, PINGPONG: gl.constexpr):
+        """PINGPONG: wait for this warpgroup's k-th turn to issue MMAs (warpgroup 0 goes first)."""
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), (k & 1) ^ (1 - WG))
+
+    @gluon.jit
+    def _turn_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+        """PINGPONG: this warpgroup has issued its MMAs; the other's turn."""
+        if PINGPONG:
+            _release(turn.index(1 - WG))
+
+    @gluon.jit
+    def _consumer_loop(q_tile, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turn, idx_ptr, count, kv_len,
                        qk_scale, acc, m_i, l_i, s_layout: gl.constexpr, p_layout: gl.constexpr,
                        NUM_STAGES: gl.constexpr, EVEN_KV: gl.constexpr, BLOCK_N: gl.constexpr,
-                       HEAD_DIM: gl.constexpr, DTYPE: gl.constexpr, ROWS: gl.constexpr):
+                       HEAD_DIM: gl.constexpr, DTYPE: gl.constexpr, ROWS: gl.constexpr, WG: gl.constexpr,
+                       PINGPONG: gl.constexpr):
         """The key-block loop for ``count >= 1``. Iteration j (P_j ready on entry): issue S_{j+1}; issue
         O += P_j V_j; wait for S_{j+1} (P V still running); release K_{j+1}; softmax(S_{j+1}); wait for O;
         release V_j; rescale O."""
         zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+        _turn_wait(turn, 0, WG, PINGPONG)
         tok, k_t = _qk(q_tile, k_bufs, k_ready, 0, NUM_STAGES, zero_s, BLOCK_N, HEAD_DIM)
+        _turn_pass(turn, WG, PINGPONG)
         s = warpgroup_mma_wait(0, deps=(tok, q_tile, k_t))[0]
         _release(k_empty.index(0))
         p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, _kv_limit(idx_ptr, 0, kv_len, EVEN_KV, BLOCK_N),
@@ -159,11 +177,13 @@ if HAVE_GLUON:
         for j in range(count - 1):
             jn = j + 1
             lim_n = _kv_limit(idx_ptr, jn, kv_len, EVEN_KV, BLOCK_N)  # scalar load issued early
+            _turn_wait(turn, jn, WG, PINGPONG)
             tok_s, k_t = _qk(q_tile, k_bufs, k_ready, jn, NUM_STAGES, zero_s, BLOCK_N, HEAD_DIM)
             v_idx = j % NUM_STAGES
             mbarrier.wait(v_ready.index(v_idx), (j // NUM_STAGES) & 1)
             v_tile = _as_2d(v_bufs.index(v_idx), BLOCK_N, HEAD_DIM)
             tok_o = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+            _turn_pass(turn, WG, PINGPONG)
             # wgmma groups retire in order: with one left in flight, S_{j+1} is complete.
             s = warpgroup_mma_wait(1, deps=(tok_s, q_tile, k_t))[0]
             _release(k_empty.index(jn % NUM_STAGES))
@@ -178,16 +198,18 @@ if HAVE_GLUON:
         v_idx = jl % NUM_STAGES
         mbarrier.wait(v_ready.index(v_idx), (jl // NUM_STAGES) & 1)
         v_tile = _as_2d(v_bufs.index(v_idx), BLOCK_N, HEAD_DIM)
+        _turn_wait(turn, count, WG, PINGPONG)
         tok_o = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+        _turn_pass(turn, WG, PINGPONG)
         acc = warpgroup_mma_wait(0, deps=(tok_o, p_op, v_tile))[0]
         _release(v_empty.index(v_idx))
         return acc, m_i, l_i
 
     @gluon.jit
-    def _consumer(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, idx_ptr, lse_ptr,
-                  count, b, h, H, q_row0, q_len, kv_len, qk_scale,
+    def _consumer(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn, idx_ptr,
+                  lse_ptr, count, b, h, H, q_row0, q_len, kv_len, qk_scale,
                   WG: gl.constexpr, NUM_STAGES: gl.constexpr, EVEN_KV: gl.constexpr,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PINGPONG: gl.constexpr):
         """One consumer warpgroup: rows ``[WG * ROWS, (WG + 1) * ROWS)`` of the query block."""
         ROWS: gl.constexpr = BLOCK_M // 2
         NW: gl.constexpr = gl.num_warps()
@@ -205,9 +227,9 @@ if HAVE_GLUON:
         l_i = gl.zeros([ROWS], gl.float32, row_layout)
         mbarrier.wait(q_bar, 0)
         if count > 0:
-            acc, m_i, l_i = _consumer_loop(q_tile, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, idx_ptr,
-                                           count, kv_len, qk_scale, acc, m_i, l_i, s_layout, p_layout,
-                                           NUM_STAGES, EVEN_KV, BLOCK_N, HEAD_DIM, DTYPE, ROWS)
+            acc, m_i, l_i = _consumer_loop(q_tile, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turn,
+                                           idx_ptr, count, kv_len, qk_scale, acc, m_i, l_i, s_layout, p_layout,
+                                           NUM_STAGES, EVEN_KV, BLOCK_N, HEAD_DIM, DTYPE, ROWS, WG, PINGPONG)
 
         # Rows without key blocks have l == 0: o = 0 and lse = -inf, never NaN.
         empty = l_i == 0.0
@@ -227,21 +249,21 @@ if HAVE_GLUON:
         tma.store_wait(0)
 
     @gluon.jit
-    def _second_consumer(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, idx_ptr,
-                         lse_ptr, count, b, h, H, q_row0, q_len, kv_len, qk_scale,
+    def _second_consumer(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+                         idx_ptr, lse_ptr, count, b, h, H, q_row0, q_len, kv_len, qk_scale,
                          NUM_STAGES: gl.constexpr, EVEN_KV: gl.constexpr, BLOCK_M: gl.constexpr,
-                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PINGPONG: gl.constexpr):
         """The worker-partition consumer: rows 64-127."""
-        _consumer(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, idx_ptr, lse_ptr,
-                  count, b, h, H, q_row0, q_len, kv_len, qk_scale, 1, NUM_STAGES, EVEN_KV, BLOCK_M, BLOCK_N,
-                  HEAD_DIM)
+        _consumer(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn, idx_ptr,
+                  lse_ptr, count, b, h, H, q_row0, q_len, kv_len, qk_scale, 1, NUM_STAGES, EVEN_KV, BLOCK_M,
+                  BLOCK_N, HEAD_DIM, PINGPONG)
 
     @gluon.jit
     def _hopper_fwd_kernel(
         q_desc, k_desc, v_desc, o_desc, lse_ptr, counts_ptr, idx_ptr,
         H, q_len, kv_len, qk_scale,
         stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
-        NUM_STAGES: gl.constexpr, EVEN_KV: gl.constexpr,
+        NUM_STAGES: gl.constexpr, EVEN_KV: gl.constexpr, PINGPONG: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
@@ -267,22 +289,26 @@ if HAVE_GLUON:
             # both consumers release every buffer once
             mbarrier.init(k_empty.index(i), count=2)
             mbarrier.init(v_empty.index(i), count=2)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # PINGPONG
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
 
         # Argument tuples written out in full: constexprs must stay constexpr in the worker partitions.
         # Worker order: the 4-warp consumer first, so it gets a whole warpgroup (warps 4-7), then the producer.
         gl.warp_specialize([
-            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, my_idx,
+            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn, my_idx,
                          lse_ptr, count, b, h, H, q_row0, q_len, kv_len, qk_scale,
-                         0, NUM_STAGES, EVEN_KV, BLOCK_M, BLOCK_N, HEAD_DIM)),
-            (_second_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         0, NUM_STAGES, EVEN_KV, BLOCK_M, BLOCK_N, HEAD_DIM, PINGPONG)),
+            (_second_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
                                 my_idx, lse_ptr, count, b, h, H, q_row0, q_len, kv_len, qk_scale,
-                                NUM_STAGES, EVEN_KV, BLOCK_M, BLOCK_N, HEAD_DIM)),
+                                NUM_STAGES, EVEN_KV, BLOCK_M, BLOCK_N, HEAD_DIM, PINGPONG)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
                          v_empty, my_idx, count, b, h, q_row0, NUM_STAGES, BLOCK_N)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # 4 warps = CONSUMER_WARPS, the launch's num_warps
 
 
-def kernel_launch(q, k, v, o, lse, kv_counts, kv_indices, scale: float, num_stages: int):
+def kernel_launch(q, k, v, o, lse, kv_counts, kv_indices, scale: float, num_stages: int = NUM_STAGES,
+                  pingpong: bool = False):
     """``(grid, args, kwargs)`` of one launch of the Gluon kernel; shared by the launcher and the sm_90
     compile test (which compiles it on a machine without a GPU)."""
     B, H, Sq, _ = q.shape
@@ -292,24 +318,25 @@ def kernel_launch(q, k, v, o, lse, kv_counts, kv_indices, scale: float, num_stag
     args = (tma_descriptor(q, BLOCK), tma_descriptor(k, BLOCK), tma_descriptor(v, BLOCK),
             tma_descriptor(o, BLOCK // NUM_CONSUMERS), lse, kv_counts, kv_indices, H, Sq, Skv, float(scale) * LOG2E,
             cs[0], cs[1], cs[2], is_[0], is_[1], is_[2])
-    kwargs = dict(NUM_STAGES=num_stages, EVEN_KV=Skv % BLOCK == 0, PRODUCER_REGS=PRODUCER_REGS,
+    kwargs = dict(NUM_STAGES=num_stages, EVEN_KV=Skv % BLOCK == 0, PINGPONG=pingpong, PRODUCER_REGS=PRODUCER_REGS,
                   CONSUMER_REGS=CONSUMER_REGS, num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)
     grid = (triton.cdiv(Sq, BLOCK), B * H)
     return grid, args, kwargs
 
 
-def hopper_block_sparse_fwd(q, k, v, kv_counts, kv_indices, scale: float, full_rows: bool = False):
+def hopper_block_sparse_fwd(q, k, v, kv_counts, kv_indices, scale: float):
     """Launch the Hopper forward on inputs :func:`hopper_fwd_supported` accepted (and validated by the API).
 
     ``kv_counts`` int32 ``[B|1, H|1, Mq]``, ``kv_indices`` int32 ``[B|1, H|1, Mq, Mk]`` (last dim contiguous;
-    the first ``kv_counts`` entries of a row in any order). ``full_rows`` (every row keeps every key block)
-    picks the 2-stage ring, faster there (as on a sparse layout whose K / V stay in L2: :func:`ring_depth`).
+    the first ``kv_counts`` entries of a row in any order). The consumers take turns where
+    :func:`pingpong_wanted` says so.
     Returns ``o`` (q's dtype and, where dense, its strides) and the
     natural-log ``lse`` fp32 ``[B, H, Sq]`` (-inf and o = 0 for a query block without key blocks).
     """
     B, H, Sq, _ = q.shape
     o = new_output(q)
     lse = new_output(q, (B, H, Sq), torch.float32)
-    grid, args, kwargs = kernel_launch(q, k, v, o, lse, kv_counts, kv_indices, scale, ring_depth(k, full_rows))
+    grid, args, kwargs = kernel_launch(q, k, v, o, lse, kv_counts, kv_indices, scale,
+                                       pingpong=pingpong_wanted(k))
     _hopper_fwd_kernel[grid](*args, **kwargs)
     return o, lse

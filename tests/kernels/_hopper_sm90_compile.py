@@ -1,6 +1,6 @@
 """Compile a Hopper Gluon kernel for sm_90 on a machine without a GPU and print what ptxas made of it.
 
-    python _hopper_sm90_compile.py KERNEL(fwd|dkdv|dq|dq-given-delta) NUM_STAGES KV_LEN BSHD(0|1) DTYPE(bfloat16|float16)
+    python _hopper_sm90_compile.py KERNEL(fwd|fwd-pingpong|dkdv|dq|dq-given-delta) NUM_STAGES KV_LEN BSHD(0|1) DTYPE(bfloat16|float16)
 
 Builds the launcher's own arguments (``kernel_launch`` of ``hopper_fwd`` / ``hopper_dkdv`` / ``hopper_dq``) on CPU
 tensors - B=2, H=3, Sq=300, a batch-broadcast layout, q / k / v / do in ``[B, H, S, D]`` or as a
@@ -32,8 +32,9 @@ def launch_of(kernel, q, k, v, counts, idx, num_stages):
     """The Gluon kernel and the ``(grid, args, kwargs)`` its launcher builds for these CPU tensors."""
     B, H, S, _ = q.shape
     lse = torch.empty(B, H, S)
-    if kernel == "fwd":
-        launch = hopper_fwd.kernel_launch(q, k, v, torch.empty_like(q), lse, counts, idx, 0.088, num_stages)
+    if kernel in ("fwd", "fwd-pingpong"):
+        launch = hopper_fwd.kernel_launch(q, k, v, torch.empty_like(q), lse, counts, idx, 0.088, num_stages,
+                                          pingpong=kernel == "fwd-pingpong")
         return hopper_fwd._hopper_fwd_kernel, launch
     delta = torch.empty(B, H, S)
     if kernel in ("dq", "dq-given-delta"):  # the launcher's (delta computed in the kernel), the one reading it

@@ -2,7 +2,7 @@
 
 Without a GPU: which inputs it takes (everything else must go to the Triton kernel), and that it compiles
 for sm_90 through ptxas - shared memory within the H100/H200 limit, no register spills - for the launch
-arguments the launcher builds (tail and even key lengths, both ring depths, a ``[B, S, H, D]`` buffer seen
+arguments the launcher builds (tail and even key lengths, free and ping-pong schedules, a ``[B, S, H, D]`` buffer seen
 as ``[B, H, S, D]``, broadcast layouts). On a Hopper GPU: its output and log-sum-exp against the dense
 reference, and through the public API (which picks it) with gradients from the Triton backward.
 """
@@ -47,12 +47,12 @@ def test_supported_inputs(no_interpreter, monkeypatch):
 
 
 @needs_gluon
-@pytest.mark.parametrize("num_stages, skv, bshd, dtype", [
-    (hopper_fwd.STAGES_SPARSE, 1000, True, torch.bfloat16),
-    (hopper_fwd.STAGES_DENSE, 1024, False, torch.float16),
+@pytest.mark.parametrize("kernel, skv, bshd, dtype", [
+    ("fwd-pingpong", 1000, True, torch.bfloat16),
+    ("fwd", 1024, False, torch.float16),
 ])
-def test_compiles_for_sm90_within_limits(num_stages, skv, bshd, dtype):
-    info = compile_for_sm90("fwd", num_stages, skv, bshd, dtype)
+def test_compiles_for_sm90_within_limits(kernel, skv, bshd, dtype):
+    info = compile_for_sm90(kernel, hopper_fwd.NUM_STAGES, skv, bshd, dtype)
     assert info["shared"] <= SMEM_LIMIT
     assert info["wgmma"] >= 4  # Q K^T and P V of both consumers
     assert info["setmaxnreg"]  # the producer hands its registers to the consumers
@@ -94,6 +94,24 @@ def test_matches_reference_on_hopper(dtype, S, Skv, bshd, shuffle):
 
 
 @needs_hopper
+@pytest.mark.parametrize("S, Skv", [(1000, 1000), (300, 1280)])
+def test_pingpong_schedule_is_bit_identical(S, Skv):
+    """Taking turns changes when each warpgroup issues its MMAs, not which or in what order."""
+    B, H = 2, 3
+    q, k, v = _qkv(B, H, S, Skv, dtype=torch.bfloat16, device="cuda")
+    counts, idx, _ = _random_layout(B, H, -(-S // 128), -(-Skv // 128), 0.5, seed=S, shuffle=True)
+    counts, idx = counts.cuda(), idx.cuda()
+    runs = []
+    for pingpong in (False, True):
+        o, lse = hopper_fwd.new_output(q), torch.empty(B, H, S, device="cuda")
+        grid, args, kwargs = hopper_fwd.kernel_launch(q, k, v, o, lse, counts, idx, 0.09, pingpong=pingpong)
+        hopper_fwd._hopper_fwd_kernel[grid](*args, **kwargs)
+        runs.append((o, lse))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert torch.isfinite(runs[0][0]).all()
+
+
+@needs_hopper
 def test_public_api_uses_it_and_backward_agrees():
     B, H, S = 1, 2, 900
     q, k, v = (t.requires_grad_() for t in _qkv(B, H, S, S, device="cuda", bshd=True))
@@ -112,13 +130,13 @@ def test_public_api_uses_it_and_backward_agrees():
         assert err < 2e-2
 
 
-def test_ring_depth_follows_l2_residency_of_k_and_v():
-    """Dense layouts and sparse ones whose K + V of a head fit in half the L2 run 2 stages, others 3 (as
-    measured on the H200: Wan-480p's 16.8 MB per head faster with 2, Hunyuan-720p's 60.8 MB with 3)."""
+def test_pingpong_where_k_and_v_of_a_head_outgrow_half_the_l2():
+    """The consumers take turns where K + V of one head exceed half the L2 (as measured on the H200:
+    Hunyuan-720p's 60.8 MB per head 7-16% faster with turns, Wan-480p's 16.8 MB not faster)."""
     l2 = 50 * 2**20  # H100 / H200
     wan = torch.empty(1, 12, 32760, 128, dtype=torch.bfloat16, device="meta")
     hunyuan = torch.empty(1, 24, 118800, 128, dtype=torch.bfloat16, device="meta")
-    assert hopper_fwd.ring_depth(wan, False, l2) == hopper_fwd.STAGES_DENSE == 2
-    assert hopper_fwd.ring_depth(hunyuan, False, l2) == hopper_fwd.STAGES_SPARSE == 3
-    assert hopper_fwd.ring_depth(hunyuan, True, l2) == 2
-    assert hopper_fwd.ring_depth(wan, False, 30 * 2**20) == 3  # a smaller L2 (e.g. 40 MB A100 class)
+    assert not hopper_fwd.pingpong_wanted(wan, l2)
+    assert hopper_fwd.pingpong_wanted(hunyuan, l2)
+    assert hopper_fwd.pingpong_wanted(wan, 30 * 2**20)  # a smaller L2 (e.g. 40 MB A100 class)
+    assert not hopper_fwd.pingpong_wanted(wan[:, :, :16384], 30 * 2**20)
