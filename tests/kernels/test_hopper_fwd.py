@@ -47,6 +47,23 @@ def test_supported_inputs(no_interpreter, monkeypatch):
 
 
 @needs_gluon
+@pytest.mark.parametrize("rows", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tma_descriptor_uses_gluon_default_layout(rows, dtype):
+    """The descriptors reuse one cached shared-memory layout per (rows, dtype); it must be Gluon's own."""
+    from triton.experimental.gluon import language as gl
+
+    from dit_sparse.kernels.block_sparse._hopper_common import tma_descriptor
+
+    t = torch.empty(2, 3, 300, 128, dtype=dtype)
+    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    want = gl.NVMMASharedLayout.get_default_for([1, 1, rows, 128], gl_dtype)
+    for _ in range(2):  # computed, then cached
+        desc = tma_descriptor(t, rows)
+        assert desc.layout == want and desc.block_shape == [1, 1, rows, 128]
+
+
+@needs_gluon
 @pytest.mark.parametrize("kernel, skv, bshd, dtype", [
     ("fwd-pingpong", 1000, True, torch.bfloat16),
     ("fwd", 1024, False, torch.float16),
