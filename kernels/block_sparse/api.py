@@ -163,7 +163,7 @@ def block_sparse_attention(
     if backend == "torch":
         return block_sparse_attention_torch(q, k, v, layout, scale=scale, return_lse=return_lse)
 
-    from .function import block_sparse_fwd_op
+    from .function import block_sparse_fwd
     from .layout_ops import cached_transpose
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -172,7 +172,7 @@ def block_sparse_attention(
     q_counts = q_indices = None
     if needs_grad:
         q_counts, q_indices = cached_transpose(kv_counts, kv_indices, layout.num_q_blocks)
-    o, lse = block_sparse_fwd_op(
+    o, lse = block_sparse_fwd(
         q, k, v, kv_counts, kv_indices, q_counts, q_indices, float(scale), layout.block_q, layout.block_kv
     )
     return (o, lse) if return_lse else o

@@ -10,6 +10,10 @@ The transposed layout (``q_counts`` / ``q_indices``) is an input of the forward 
 save it: the caller computes it once per forward, when gradients are needed, and backward reuses it.
 Being opaque custom ops with fake kernels, they trace under ``torch.compile(fullgraph=True)`` with no
 graph break. Outputs are fresh tensors, never views of inputs.
+
+Eager calls do not go through them: :func:`block_sparse_fwd` runs the same implementations bare (without
+gradients) or through :class:`BlockSparseFunction`, a plain ``autograd.Function``, and the custom ops
+only while compiling - the custom op dispatch costs more host time than the launches (``kernels/_eager.py``).
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from typing import Optional
 
 import torch
 
+from .._eager import call_kernel
 from . import triton_bwd, triton_fwd
 from .hopper_fwd import hopper_block_sparse_fwd, hopper_fwd_supported
 
-__all__ = ["block_sparse_fwd_op", "block_sparse_bwd_op"]
+__all__ = ["block_sparse_fwd", "block_sparse_fwd_op", "block_sparse_bwd_op", "BlockSparseFunction"]
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -41,9 +46,13 @@ def block_sparse_fwd_op(
     block_q: int,
     block_kv: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``o [B, H, Sq, D]`` (q's dtype) and natural-log ``lse`` fp32 ``[B, H, Sq]``.
+    """Forward: ``o [B, H, Sq, D]`` (q's dtype) and natural-log ``lse`` fp32 ``[B, H, Sq]``."""
+    return _forward(q, k, v, kv_counts, kv_indices, scale, block_q, block_kv)
 
-    Runs the warp-specialised Hopper kernel (``hopper_fwd.py``) where it applies, else the Triton kernel."""
+
+def _forward(q, k, v, kv_counts, kv_indices, scale, block_q, block_kv):
+    """The forward both paths run: the warp-specialised Hopper kernel (``hopper_fwd.py``) where it applies,
+    else the Triton kernel."""
     c = _last_dim_contiguous
     q, k, v, kv_counts, kv_indices = c(q), c(k), c(v), c(kv_counts), c(kv_indices)
     if hopper_fwd_supported(q, k, v, block_q, block_kv):
@@ -75,6 +84,13 @@ def block_sparse_bwd_op(
     block_kv: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``dq, dk, dv`` shaped like ``q, k, v``."""
+    return _backward_kernels(do, dlse, q, k, v, o, lse, kv_counts, kv_indices, q_counts, q_indices, scale,
+                             block_q, block_kv)
+
+
+def _backward_kernels(do, dlse, q, k, v, o, lse, kv_counts, kv_indices, q_counts, q_indices, scale, block_q,
+                      block_kv):
+    """The backward both paths run."""
     c = _last_dim_contiguous
     return triton_bwd.block_sparse_bwd(
         c(do), None if dlse is None else dlse.contiguous(), c(q), c(k), c(v), c(o), lse.contiguous(),
@@ -94,7 +110,7 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.block_q, ctx.block_kv = scale, block_q, block_kv
 
 
-def _backward(ctx, do, dlse):
+def _gradients(ctx, do, dlse, run_backward):
     q, k, v, o, lse, kv_counts, kv_indices, q_counts, q_indices = ctx.saved_tensors
     if q_counts is None or q_indices is None:
         raise RuntimeError(
@@ -104,11 +120,44 @@ def _backward(ctx, do, dlse):
         )
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = block_sparse_bwd_op(
+    dq, dk, dv = run_backward(
         do, dlse, q, k, v, o, lse, kv_counts, kv_indices, q_counts, q_indices, ctx.scale, ctx.block_q,
         ctx.block_kv,
     )
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
+def _backward(ctx, do, dlse):
+    return _gradients(ctx, do, dlse, block_sparse_bwd_op)
+
+
 block_sparse_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class BlockSparseFunction(torch.autograd.Function):
+    """The eager twin of ``block_sparse_fwd_op`` with its autograd: same arguments, same kernels, same saved
+    tensors, without torch.library's per-call dispatch. Unused output gradients stay ``None`` (an unused
+    ``lse`` adds no work to the backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kv_counts, kv_indices, q_counts, q_indices, scale, block_q, block_kv):
+        ctx.set_materialize_grads(False)
+        out = _forward(q, k, v, kv_counts, kv_indices, scale, block_q, block_kv)
+        _setup_context(ctx, (q, k, v, kv_counts, kv_indices, q_counts, q_indices, scale, block_q, block_kv), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        return _gradients(ctx, do, dlse, _backward_kernels)
+
+
+def _forward_bare(q, k, v, kv_counts, kv_indices, q_counts, q_indices, scale, block_q, block_kv):
+    return _forward(q, k, v, kv_counts, kv_indices, scale, block_q, block_kv)
+
+
+def block_sparse_fwd(q, k, v, kv_counts, kv_indices, q_counts, q_indices, scale: float, block_q: int,
+                     block_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)``: the custom op while compiling, else :class:`BlockSparseFunction` where q, k or v needs
+    gradients, else the bare kernels (``kernels/_eager.py``)."""
+    return call_kernel(block_sparse_fwd_op, BlockSparseFunction, _forward_bare, q, k, v, kv_counts, kv_indices,
+                       q_counts, q_indices, scale, block_q, block_kv)

@@ -72,11 +72,11 @@ def sparse_linear_attention(
         return sparse_linear_attention_torch(q, k, v, layout, feature_map, scale)
     if not torch.compiler.is_compiling():
         _check_triton(q, layout)
-    from .op import sla_forward_op
+    from .op import sla_forward
 
     counts = layout.kv_counts.to(torch.int32)
     indices = layout.kv_indices.to(torch.int32)
-    o_sparse, o_linear, _ = sla_forward_op(
+    o_sparse, o_linear, _ = sla_forward(
         q, k, v, counts, indices, layout.block_q, layout.block_kv, feature_map, scale, LINEAR_EPS
     )
     return o_sparse, o_linear

@@ -216,6 +216,37 @@ def test_custom_op_registration():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@needs_triton
+def test_eager_path_skips_the_custom_op_and_matches_compiled(monkeypatch):
+    """Eager calls run the kernels through a plain autograd.Function (the custom op's dispatch costs more host
+    time than the launches); compiled calls run the custom op. Same outputs and gradients; only o_linear
+    used (o_sparse's gradient left unset) works too."""
+    from dit_sparse.kernels.sparse_linear import op
+
+    layout = edge_layout(1, 2, 100, 100, 64, 64, 0.5, seed=9).to(DEVICE)
+    q, k, v, do_s, do_l = make_inputs(1, 2, 100, 100, 64, torch.float32, seed=9)
+
+    def run(a, b, c):
+        return sparse_linear_attention(a, b, c, layout, feature_map="elu", backend="triton")
+
+    torch._dynamo.reset()
+    compiled = outputs_and_grads(torch.compile(run, fullgraph=True, backend="aot_eager"), q, k, v, do_s, do_l)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the custom op ran in eager mode")
+
+    monkeypatch.setattr(op, "sla_forward_op", refuse)
+    monkeypatch.setattr(op, "sla_backward_op", refuse)
+    eager = outputs_and_grads(run, q, k, v, do_s, do_l)
+    for name, c, e in zip(("o_sparse", "o_linear", "dq", "dk", "dv"), compiled, eager):
+        assert_close(f"eager vs compiled {name}", c, e, 1e-6)
+    only_linear = outputs_and_grads(run, q, k, v, torch.zeros_like(do_s), do_l)
+    a, b, c = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    (run(a, b, c)[1] * do_l).sum().backward()
+    for name, want, got in zip(("dq", "dk", "dv"), only_linear[2:], (a.grad, b.grad, c.grad)):
+        assert_close(f"o_linear-only {name}", want, got, 1e-6)
+
+
 # --------------------------------------------------------------------------------------------- torch backend
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(
