@@ -136,13 +136,34 @@ def kernel_names(q) -> dict:
                 dq_kernel=bwd)
 
 
-def time_provider(fn, q, k, v, do, layout, block_mask, mode, timing):
+def sustain(call, seconds: float, grads=()) -> int:
+    """Run ``call`` back to back for ``seconds`` (grads reset each time), so the GPU's clock settles where
+    this call's own power draw puts it; returns the number of calls."""
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        call()
+        for t in grads:
+            t.grad = None
+        n += 1
+        if n % 8 == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return n
+
+
+def time_provider(fn, q, k, v, do, layout, block_mask, mode, timing, sustain_s: float = 0.0):
+    """Median ms of one provider call (fwd under no_grad, or fwd + backward), after ``sustain_s`` seconds of
+    the same call back to back when given (the row's own steady clock instead of whatever ran before)."""
     warmup, rep = timing
     if mode == "fwd":
         with torch.no_grad():
-            return bench_ms(lambda: fn(q, k, v, layout, block_mask), warmup, rep)
+            call = lambda: fn(q, k, v, layout, block_mask)  # noqa: E731
+            sustain(call, sustain_s)
+            return bench_ms(call, warmup, rep)
     qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-    return bench_ms(lambda: fn(qg, kg, vg, layout, block_mask).backward(do), warmup, rep, grad_to_none=[qg, kg, vg])
+    call = lambda: fn(qg, kg, vg, layout, block_mask).backward(do)  # noqa: E731
+    sustain(call, sustain_s, (qg, kg, vg))
+    return bench_ms(call, warmup, rep, grad_to_none=[qg, kg, vg])
 
 
 def _time_with_hopper(triton_only: bool, fn, *args):
@@ -291,7 +312,15 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=1,
                    help="time every row this many times, interleaved, and report the median (targets within the "
                         "run-to-run spread need more than one)")
+    p.add_argument("--sustain", type=float, default=0.0, metavar="SECONDS",
+                   help="before timing a row, run the same call back to back this long, so every row is timed "
+                        "at its own sustained clock (H200: 2-3 s reach it) rather than after whatever ran before")
+    p.add_argument("--name", default="kernels", help="report file stem in --out (default: kernels)")
     args = p.parse_args(argv)
+    if args.sustain < 0:
+        p.error(f"--sustain must be >= 0, got {args.sustain}")
+    if not args.name or os.sep in args.name or args.name.startswith("."):
+        p.error(f"--name must be a plain file stem, got {args.name!r}")
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     args.shapes = [s for s in args.shapes.split(",") if s]
@@ -332,7 +361,9 @@ def build_markdown(info, rows, checks, tune_rows, best_configs) -> str:
         "ACTUAL kept fraction of the layout (1 for dense cuDNN / FA2). `vs cuDNN` = cuDNN dense time / time "
         "(same mode); `vs Flex` = Flex time / our time on the identical block mask (> 1: we are faster); "
         "`rate/cuDNN` = effective rate / cuDNN dense rate. "
-        f"ms: median of {info.get('rounds', 1)} interleaved round(s) (each round's ms in the JSON, `ms_rounds`).",
+        f"ms: median of {info.get('rounds', 1)} interleaved round(s) (each round's ms in the JSON, `ms_rounds`)"
+        + (f"; before each timing the same call ran back to back for {info['sustain_s']:g} s, so every row is "
+           "timed at its own sustained clock." if info.get("sustain_s") else "."),
         "",
         markdown_table(
             ["shape", "mode", "provider", "density", "ms", "eff TFLOP/s", "vs cuDNN", "vs Flex", "rate/cuDNN"],
@@ -367,6 +398,7 @@ def main(argv=None):
     block_sparse_attention, triton_fwd, triton_bwd = _import_kernels()
     info = env_info()
     info["rounds"] = args.rounds
+    info["sustain_s"] = args.sustain
     print(f"# {info}", flush=True)
     t_start = time.time()
     providers = make_providers(block_sparse_attention)
@@ -377,7 +409,7 @@ def main(argv=None):
         best = kernel_picks(triton_fwd, triton_bwd)
         payload = dict(env=info, args=vars(args), rows=rows, checks=checks, tune=tune_rows, best_configs=best,
                        elapsed_s=round(time.time() - t_start, 1))
-        write_report(args.out, "kernels", payload, build_markdown(info, rows, checks, tune_rows, best))
+        write_report(args.out, args.name, payload, build_markdown(info, rows, checks, tune_rows, best))
 
     for shape in args.shapes:
         b, h, s, d = SHAPES[shape]
@@ -414,14 +446,14 @@ def main(argv=None):
             # "ours-triton": "ours" with the Hopper kernels off (the portable Triton kernels), where they apply
             names = ("flex", "ours") + (("ours-triton",) if hopper else ())
             jobs = {(name, None): functools.partial(time_provider, providers[name], q, k, v, do, None, None, mode,
-                                                    timing) for name in ("cudnn", "fa2")}
+                                                    timing, args.sustain) for name in ("cudnn", "fa2")}
             for x, layout in layouts.items():
                 for name in names:
                     if name.startswith("ours") and x in bad:
                         continue
                     jobs[(name, x)] = functools.partial(
                         _time_with_hopper, name == "ours-triton", providers["ours" if name == "ours-triton" else name],
-                        q, k, v, do, layout, masks[x], mode, timing)
+                        q, k, v, do, layout, masks[x], mode, timing, args.sustain)
             timed = interleaved_medians(jobs, args.rounds, log=lambda m: print(f"[{shape}] {mode} {m}", flush=True))
             base_ms = timed[("cudnn", None)][0]
             base_rate = tflops(attention_flops(b, h, s, s, d, 1.0, mode), base_ms) if base_ms else None

@@ -57,3 +57,37 @@ def test_markdown_names_the_forward_schedule_per_shape(bench):
     assert "schedule" not in bench.build_markdown(info, [], {}, [], {})
     info["fwd_schedule"] = {"wan": "free", "hunyuan": "ping-pong"}
     assert "Gluon forward schedule: wan free, hunyuan ping-pong" in bench.build_markdown(info, [], {}, [], {})
+
+
+def test_sustain_runs_the_call_for_the_given_time_and_resets_grads(bench, monkeypatch):
+    import time
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    t = torch.zeros(1, requires_grad=True)
+    calls = []
+
+    def call():
+        calls.append(t.grad)
+        t.grad = torch.ones(1)
+
+    assert bench.sustain(call, 0.0) == 0 and not calls
+    start = time.perf_counter()
+    n = bench.sustain(call, 0.05, (t,))
+    assert n == len(calls) > 1 and time.perf_counter() - start >= 0.05
+    assert all(g is None for g in calls)  # every call starts without accumulated gradients
+
+
+def test_sustain_and_name_options(bench):
+    args = bench.parse_args([])
+    assert args.sustain == 0.0 and args.name == "kernels"
+    args = bench.parse_args(["--sustain", "2", "--name", "kernels_steady"])
+    assert args.sustain == 2.0 and args.name == "kernels_steady"
+    for bad in (["--sustain", "-1"], ["--name", "../x"], ["--name", ""]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    info = dict(gpu="H200", date="d", torch="t", triton="tr", cuda="c", cudnn=1, rounds=2, sustain_s=2.0)
+    assert "back to back for 2 s" in bench.build_markdown(info, [], {}, [], {})
+    info["sustain_s"] = 0.0
+    assert "back to back" not in bench.build_markdown(info, [], {}, [], {})
