@@ -491,7 +491,7 @@ def main(argv=None):
               f"{f(r['rate_vs_cudnn'], 9, 2)}")
     print(f"checks: {checks}")
     print("picks: " + " | ".join(f"{n} {c}" for n, c in kernel_picks(triton_fwd, triton_bwd).items()))
-    print(f"total {time.time() - t_start:.0f}s; wrote {os.path.join(args.out, 'kernels.md')}")
+    print(f"total {time.time() - t_start:.0f}s; wrote {os.path.join(args.out, args.name + '.md')}")
 
 
 if __name__ == "__main__":
