@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import math
 import os
 import statistics
@@ -316,6 +317,8 @@ def parse_args(argv=None):
                    help="before timing a row, run the same call back to back this long, so every row is timed "
                         "at its own sustained clock (H200: 2-3 s reach it) rather than after whatever ran before")
     p.add_argument("--name", default="kernels", help="report file stem in --out (default: kernels)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="no GPU run: merge the JSON reports of runs of different shapes into one report")
     args = p.parse_args(argv)
     if args.sustain < 0:
         p.error(f"--sustain must be >= 0, got {args.sustain}")
@@ -343,7 +346,8 @@ def build_markdown(info, rows, checks, tune_rows, best_configs) -> str:
         "# Block-sparse attention kernel benchmark",
         "",
         f"GPU: {info.get('gpu')} | date: {info['date']} | torch {info['torch']} | triton {info['triton']} | "
-        f"CUDA {info['cuda']} | cuDNN {info['cudnn']}",
+        f"CUDA {info['cuda']} | cuDNN {info['cudnn']}"
+        + (f" | merged from {info['merged_from']} runs, one per shape (`--merge`)" if info.get("merged_from") else ""),
         "",
         f"Kernels of `ours`: forward {info.get('fwd_kernel', 'triton')}, dK/dV {info.get('dkdv_kernel', 'triton')}, "
         f"dQ {info.get('dq_kernel', 'triton')} ("
@@ -390,8 +394,48 @@ def build_markdown(info, rows, checks, tune_rows, best_configs) -> str:
     return "\n".join(lines)
 
 
+# Environment fields two runs must share to be merged into one report (the GPU, the software, the method).
+SAME_FOR_MERGE = ("gpu", "torch", "triton", "cuda", "cudnn", "rounds", "sustain_s", "fwd_kernel", "dkdv_kernel",
+                  "dq_kernel")
+
+
+def merge_reports(payloads: list[dict]) -> dict:
+    """One report from runs of different shapes (e.g. one shape per GPU of a host, run at the same time):
+    rows, checks and schedules concatenated, the dates of all runs kept. Raises ``ValueError`` when the runs
+    differ in GPU, versions or method, or share a shape."""
+    if len(payloads) < 2:
+        raise ValueError("--merge needs at least two JSON reports")
+    first = payloads[0]["env"]
+    for p in payloads[1:]:
+        diff = [k for k in SAME_FOR_MERGE if p["env"].get(k) != first.get(k)]
+        if diff:
+            raise ValueError(f"runs differ in {', '.join(diff)}; only runs of one GPU, versions and method merge")
+    shapes = [s for p in payloads for s in p["args"]["shapes"]]
+    if len(set(shapes)) != len(shapes):
+        raise ValueError(f"runs share a shape ({shapes}); merge runs of different shapes")
+    env = dict(first, date="; ".join(p["env"]["date"] for p in payloads), merged_from=len(payloads))
+    env["fwd_schedule"] = {k: v for p in payloads for k, v in p["env"].get("fwd_schedule", {}).items()}
+    return dict(env=env, args=dict(payloads[0]["args"], shapes=shapes),
+                rows=[r for p in payloads for r in p["rows"]],
+                checks={k: v for p in payloads for k, v in p["checks"].items()},
+                tune=[r for p in payloads for r in p.get("tune", [])], best_configs=payloads[0].get("best_configs", {}),
+                elapsed_s=[p.get("elapsed_s") for p in payloads])
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        try:
+            payloads = []
+            for path in args.merge:
+                with open(path) as f:
+                    payloads.append(json.load(f))
+            merged = merge_reports(payloads)
+        except (OSError, ValueError, KeyError) as e:
+            sys.exit(f"bench_kernels.py --merge: {e}")
+        md = build_markdown(merged["env"], merged["rows"], merged["checks"], merged["tune"], merged["best_configs"])
+        print("wrote", *write_report(args.out, args.name, merged, md))
+        return
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
     device = "cuda"

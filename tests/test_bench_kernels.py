@@ -91,3 +91,45 @@ def test_sustain_and_name_options(bench):
     assert "back to back for 2 s" in bench.build_markdown(info, [], {}, [], {})
     info["sustain_s"] = 0.0
     assert "back to back" not in bench.build_markdown(info, [], {}, [], {})
+
+
+def _payload(shape, date, **env):
+    base = dict(gpu="H200", torch="t", triton="tr", cuda="c", cudnn=1, rounds=2, sustain_s=3.0, date=date,
+                fwd_kernel="hopper", dkdv_kernel="hopper", dq_kernel="hopper", fwd_schedule={shape: "free"})
+    row = dict(shape=shape, mode="fwd", provider="ours", density=0.1, ms=1.0, tflops=500.0, speedup_vs_cudnn=9.0,
+               ratio_vs_flex=1.3, rate_vs_cudnn=0.95)
+    return dict(env=dict(base, **env), args=dict(shapes=[shape]), rows=[row], checks={f"{shape}@0.1": {"o": 1e-3}},
+                tune=[], best_configs={}, elapsed_s=1.0)
+
+
+def test_merge_joins_runs_of_different_shapes(bench, tmp_path):
+    import json
+
+    paths = []
+    for shape, date in (("wan", "d1"), ("hunyuan", "d2")):
+        paths.append(tmp_path / f"{shape}.json")
+        paths[-1].write_text(json.dumps(_payload(shape, date)))
+    bench.main(["--merge", *map(str, paths), "--out", str(tmp_path), "--name", "both"])
+    merged = json.loads((tmp_path / "both.json").read_text())
+    assert [r["shape"] for r in merged["rows"]] == ["wan", "hunyuan"]
+    assert set(merged["checks"]) == {"wan@0.1", "hunyuan@0.1"} and merged["args"]["shapes"] == ["wan", "hunyuan"]
+    md = (tmp_path / "both.md").read_text()
+    assert "date: d1; d2" in md and "merged from 2 runs" in md and "wan free, hunyuan free" in md
+
+
+@pytest.mark.parametrize("second, match", [
+    (_payload("wan", "d2"), "share a shape"),
+    (_payload("hunyuan", "d2", sustain_s=0.0), "sustain_s"),
+    (_payload("hunyuan", "d2", gpu="H100"), "gpu"),
+])
+def test_merge_refuses_runs_that_do_not_fit(bench, second, match):
+    with pytest.raises(ValueError, match=match):
+        bench.merge_reports([_payload("wan", "d1"), second])
+    with pytest.raises(ValueError, match="at least two"):
+        bench.merge_reports([_payload("wan", "d1")])
+
+
+def test_merge_of_a_missing_file_exits_with_a_message(bench, tmp_path):
+    with pytest.raises(SystemExit, match="--merge"):
+        bench.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # nothing written
