@@ -1,6 +1,8 @@
 """Compile a Hopper Gluon kernel for sm_90 on a machine without a GPU and print what ptxas made of it.
 
-    python _hopper_sm90_compile.py KERNEL(fwd|fwd-pingpong|dkdv|dq|dq-given-delta) NUM_STAGES KV_LEN BSHD(0|1) DTYPE(bfloat16|float16)
+    python _hopper_sm90_compile.py KERNEL NUM_STAGES KV_LEN BSHD(0|1) DTYPE(bfloat16|float16)
+
+KERNEL: fwd, fwd-pingpong, dkdv, dq (delta computed in the kernel, as launched) or dq-given-delta.
 
 Builds the launcher's own arguments (``kernel_launch`` of ``hopper_fwd`` / ``hopper_dkdv`` / ``hopper_dq``) on CPU
 tensors - B=2, H=3, Sq=300, a batch-broadcast layout, q / k / v / do in ``[B, H, S, D]`` or as a
