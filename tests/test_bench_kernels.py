@@ -60,7 +60,7 @@ def test_markdown_names_the_forward_schedule_per_shape(bench):
 
 
 def test_sustain_runs_the_call_for_the_given_time_and_resets_grads(bench, monkeypatch):
-    import time
+    import types
 
     import torch
 
@@ -72,10 +72,14 @@ def test_sustain_runs_the_call_for_the_given_time_and_resets_grads(bench, monkey
         calls.append(t.grad)
         t.grad = torch.ones(1)
 
+    def fake_clock():  # one second per reading, starting at 0: the call count is exact
+        clock = iter(range(1000))
+        monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+
+    fake_clock()
     assert bench.sustain(call, 0.0) == 0 and not calls
-    start = time.perf_counter()
-    n = bench.sustain(call, 0.05, (t,))
-    assert n == len(calls) > 1 and time.perf_counter() - start >= 0.05
+    fake_clock()
+    assert bench.sustain(call, 5, (t,)) == len(calls) == 4  # start at 0; readings 1..4 are under 5 s
     assert all(g is None for g in calls)  # every call starts without accumulated gradients
 
 
