@@ -100,14 +100,17 @@ if HAVE_GLUON:
         mbarrier.arrive(bar, count=1)
 
     @gluon.jit
-    def cta_block_list(counts_ptr, idx_ptr, H, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
-                       BLOCK: gl.constexpr):
+    def cta_block_list(counts_ptr, idx_ptr, order_ptr, H, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih,
+                       stride_im, stride_wb, stride_wh, stride_wm, BLOCK: gl.constexpr):
         """This CTA's place in a ``(blocks, B*H)`` grid over a layout (forward or transposed): ``b``, ``h``,
-        ``b*H + h``, the first row of its block, its list's count and a pointer to the list."""
+        ``b*H + h``, the first row of its block, its list's count and a pointer to the list. The block is the
+        ``program_id(0)``-th entry of ``order`` for this (batch, head) - :func:`.layout_ops.work_order`, longest
+        lists first - so the hardware starts the long CTAs first and the short ones fill the last wave."""
         pid = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // H
         h = bh % H
-        count = gl.load(counts_ptr + b.to(gl.int64) * stride_cb + h * stride_ch + pid * stride_cm)
-        my_idx = idx_ptr + b.to(gl.int64) * stride_ib + h * stride_ih + pid * stride_im
-        return b, h, bh, pid * BLOCK, count, my_idx
+        blk = gl.load(order_ptr + b.to(gl.int64) * stride_wb + h * stride_wh + pid * stride_wm)
+        count = gl.load(counts_ptr + b.to(gl.int64) * stride_cb + h * stride_ch + blk * stride_cm)
+        my_idx = idx_ptr + b.to(gl.int64) * stride_ib + h * stride_ih + blk * stride_im
+        return b, h, bh, blk * BLOCK, count, my_idx

@@ -10,20 +10,22 @@ compute capability 9.x GPU, fp16 / bf16, head dim 128, 128x128 layout blocks - a
 
 Design (FA3-backward style, fitted to 227 KB of shared memory and 240 registers per consumer thread)
 -------------------------------------------------------------------------------------------------
-One CTA per (key block of 128 rows, batch x head): grid ``(Mk, B*H)``, 12 warps in three partitions:
+One CTA per (key block of 128 rows, batch x head): grid ``(Mk, B*H)``, the key blocks of a (batch, head)
+taken longest query list first (``layout_ops.work_order``; the hardware starts CTAs in grid order, so the
+short ones fill the last wave), 12 warps in three partitions:
 
-* producer (1 warp): TMA-loads K_j and V_j once, then walks the key block's query-block list and, per step,
-  TMA-loads a 64-row query sub-tile of Q and dO (4-D descriptors; rows past ``Sq`` arrive as zeros) plus
-  the matching ``lse`` / ``delta`` slices (masked ``cp.async``, zero-filled past ``Sq``; its
-  ``cp.async.mbarrier.arrive`` makes the stage's "ready" barrier wait for them too) into a ring of
-  ``NUM_STAGES`` stages with "ready" (expect-tx) and "empty" (count 2) mbarriers.
+* producer (1 warp): TMA-loads K_j and V_j once, each on its own mbarrier, then walks the key block's
+  query-block list and, per step, TMA-loads a 64-row query sub-tile of Q and dO (4-D descriptors; rows past
+  ``Sq`` arrive as zeros) plus the matching ``lse`` / ``delta`` slices (masked ``cp.async``, zero-filled
+  past ``Sq``; its ``cp.async.mbarrier.arrive`` makes the stage's "ready" barrier wait for them too) into a
+  ring of ``NUM_STAGES`` stages with "ready" (expect-tx) and "empty" (count 2) mbarriers.
 * two consumers (one warpgroup each, key rows 0-63 and 64-127 of the block), per step and 64 queries:
   ``S^T = K Q^T``; ``dP^T = V dO^T``; ``P^T = exp2(S^T * scale*log2e - lse*log2e)``; ``dV += P^T dO``
   (P^T cast to the input dtype, in registers as the A operand); ``dS^T = P^T (dP^T - delta)``;
-  ``dK += dS^T Q``. ``S^T`` of step j+1 is issued right behind ``dV_j`` / ``dK_j`` and retires with them, so
-  the tensor core has this warpgroup's next MMA queued while it waits; the step then starts with ``dP^T``
-  and computes P while it runs. (Keeping an MMA in flight across the loop back-edge made ptxas serialise
-  every wgmma of the kernel.) The two warpgroups drift freely.
+  ``dK += dS^T Q``. The first ``S^T`` waits for K only. ``S^T`` of step j+1 is issued right behind ``dV_j``
+  / ``dK_j`` and retires with them, so the tensor core has this warpgroup's next MMA queued while it waits;
+  the step then starts with ``dP^T`` and computes P while it runs. (Keeping an MMA in flight across the
+  loop back-edge made ptxas serialise every wgmma of the kernel.) The two warpgroups drift freely.
 * epilogue: ``dK *= scale``; each consumer stages its dK / dV rows in its own half of the K / V buffers and
   TMA-stores them (rows past ``Skv`` clipped).
 
@@ -36,12 +38,17 @@ Measured on an H200 (bf16, Wan-480p B1 H12 S=32760 D128, random 128-blocks, 2026
 4.9 / 18.8 ms at 5 / 10 / 25 / 100% against the Triton dK / dV's 1.47 / 2.70 / 6.37 / 29.8 ms, with results
 bit-identical to it. 64 queries per step with two stages; 3 and 4 stages were within 3% overall, a
 variant without the early ``S^T`` issue 2-7% slower, and 128 queries per step spill (two 64x128 fp32
-accumulators plus 128-wide S^T / dP^T exceed 240 registers).
+accumulators plus 128-wide S^T / dP^T exceed 240 registers). Longest list first against the natural order
+(2026-12-01, same process, three rounds, ms): Wan-480p 1.07-1.10 / 1.10-1.14 at 5%, 2.03-2.09 / 2.07-2.09 at
+10%, 4.80-4.86 / 4.92-4.97 at 25%; Hunyuan-720p 10% 52.3-53.0 / 55.2-55.7 (its column counts spread
+59-132 around 93). Waiting for K alone before the first ``S^T`` measured no gain of its own (the natural
+order with it 2.07-2.09 against the previous kernel's 2.06-2.10 at Wan 10%).
 """
 
 from __future__ import annotations
 
 from ._common import LOG2E, broadcast_strides, new_output
+from .layout_ops import cached_work_order
 from ._hopper_common import (
     BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, tma_descriptor,
 )
@@ -76,13 +83,15 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, lse_bufs, dl_bufs,
-                  kv_bar, ready, empty, idx_ptr, n, b, h, bh, kv_row0, q_len, lse_ptr, delta_ptr,
+                  kv_bars, ready, empty, idx_ptr, n, b, h, bh, kv_row0, q_len, lse_ptr, delta_ptr,
                   NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_Q: gl.constexpr):
-        """1 warp: K / V once, then per step a Q / dO sub-tile (TMA) and its lse / delta slices (cp.async)."""
+        """1 warp: K / V once (each on its own barrier), then per step a Q / dO sub-tile (TMA) and its lse /
+        delta slices (cp.async)."""
         SUB: gl.constexpr = BLOCK_Q // BLOCK_M
-        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, h, kv_row0, 0], kv_bar, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [b, h, kv_row0, 0], kv_bar, v_smem)
+        mbarrier.expect(kv_bars.index(0), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, h, kv_row0, 0], kv_bars.index(0), k_smem)
+        mbarrier.expect(kv_bars.index(1), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [b, h, kv_row0, 0], kv_bars.index(1), v_smem)
 
         vec_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
         offs = gl.arange(0, BLOCK_M, layout=vec_layout)
@@ -143,7 +152,7 @@ if HAVE_GLUON:
         return tok_dv, tok_dk, p_op, ds_op
 
     @gluon.jit
-    def _consumer(dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, lse_bufs, dl_bufs, kv_bar, ready, empty,
+    def _consumer(dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, lse_bufs, dl_bufs, kv_bars, ready, empty,
                   n, b, h, kv_row0, qk_scale, scale,
                   WG: gl.constexpr, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr):
         """One consumer warpgroup: key rows ``[WG * 64, WG * 64 + 64)`` of the block. Steps 0 .. n-2 in the
@@ -165,13 +174,14 @@ if HAVE_GLUON:
         dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         zero_s = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
-        mbarrier.wait(kv_bar, 0)
+        mbarrier.wait(kv_bars.index(0), 0)  # K: the first S^T need not wait for V
 
         if n > 0:
             _wait_ready(ready, 0, NUM_STAGES)
             q_t, do_t = _stage_tiles(q_bufs, do_bufs, 0, NUM_STAGES, BLOCK_M, HEAD_DIM)
             q_tt = q_t.permute((1, 0))
             tok_s = warpgroup_mma(k_tile, q_tt, zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(kv_bars.index(1), 0)  # V, while S^T runs
             st = warpgroup_mma_wait(0, deps=(tok_s, k_tile, q_tt))[0]
             for j in range(n - 1):
                 s = j % NUM_STAGES
@@ -195,8 +205,9 @@ if HAVE_GLUON:
             _release(empty.index(s))
 
         # Epilogue: stage dK / dV in this warpgroup's own rows of the K / V buffers (its last MMA reading
-        # them has retired; a CTA without query blocks still waited for them to land), then TMA-store, rows
+        # them has retired; a CTA without query blocks still waits for them to land), then TMA-store, rows
         # past Skv clipped.
+        mbarrier.wait(kv_bars.index(1), 0)
         k_tile.store((dk * scale).to(DTYPE))
         v_tile.store(dv.to(DTYPE))
         fence_async_shared()
@@ -207,18 +218,18 @@ if HAVE_GLUON:
         tma.store_wait(0)
 
     @gluon.jit
-    def _second_consumer(dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, lse_bufs, dl_bufs, kv_bar, ready,
+    def _second_consumer(dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, lse_bufs, dl_bufs, kv_bars, ready,
                          empty, n, b, h, kv_row0, qk_scale, scale,
                          NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr):
         """The worker-partition consumer: key rows 64-127."""
-        _consumer(dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, lse_bufs, dl_bufs, kv_bar, ready, empty,
+        _consumer(dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, lse_bufs, dl_bufs, kv_bars, ready, empty,
                   n, b, h, kv_row0, qk_scale, scale, 1, NUM_STAGES, BLOCK_M)
 
     @gluon.jit
     def _hopper_dkdv_kernel(
-        q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, delta_ptr, counts_ptr, idx_ptr,
+        q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, delta_ptr, counts_ptr, idx_ptr, order_ptr,
         H, q_len, qk_scale, scale,
-        stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in,
+        stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in, stride_wb, stride_wh, stride_wn,
         NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
@@ -228,8 +239,9 @@ if HAVE_GLUON:
         gl.static_assert(BLOCK_N == 128 and HEAD_DIM == 128 and BLOCK_M == 64)
         gl.static_assert(dk_desc.block_type.shape[2] == BLOCK_N // 2)
 
-        b, h, bh, kv_row0, count, my_idx = _cta_block_list(counts_ptr, idx_ptr, H, stride_cb, stride_ch, stride_cn,
-                                                           stride_ib, stride_ih, stride_in, BLOCK_N)
+        b, h, bh, kv_row0, count, my_idx = _cta_block_list(
+            counts_ptr, idx_ptr, order_ptr, H, stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in,
+            stride_wb, stride_wh, stride_wn, BLOCK_N)
         n = _num_steps(my_idx, count, q_len, BLOCK_M, BLOCK_Q)
 
         k_smem = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
@@ -240,37 +252,40 @@ if HAVE_GLUON:
         vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # per-stage 1-D rows
         lse_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], vec_smem)
         dl_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], vec_smem)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kv_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # K, V
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
+        mbarrier.init(kv_bars.index(0), count=1)
+        mbarrier.init(kv_bars.index(1), count=1)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)  # the producer's expect (cp.async arrives are net zero)
             mbarrier.init(empty.index(i), count=2)  # both consumers release every stage once
 
         # Worker order: the 4-warp consumer first, so it gets a whole warpgroup, then the producer.
         gl.warp_specialize([
-            (_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, lse_bufs, dl_bufs, kv_bar, ready,
+            (_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, lse_bufs, dl_bufs, kv_bars, ready,
                          empty, n, b, h, kv_row0, qk_scale, scale, 0, NUM_STAGES, BLOCK_M)),
-            (_second_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, lse_bufs, dl_bufs, kv_bar,
+            (_second_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, lse_bufs, dl_bufs, kv_bars,
                                 ready, empty, n, b, h, kv_row0, qk_scale, scale, NUM_STAGES, BLOCK_M)),
             (_producer, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, lse_bufs, dl_bufs,
-                         kv_bar, ready, empty, my_idx, n, b, h, bh, kv_row0, q_len, lse_ptr, delta_ptr,
+                         kv_bars, ready, empty, my_idx, n, b, h, bh, kv_row0, q_len, lse_ptr, delta_ptr,
                          NUM_STAGES, BLOCK_M, BLOCK_Q)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def kernel_launch(q, k, v, do, lse, delta, dk, dv, q_counts, q_indices, scale: float,
-                  num_stages: int = NUM_STAGES):
-    """``(grid, args, kwargs)`` of one launch; shared by the launcher and the sm_90 compile test."""
+                  num_stages: int = NUM_STAGES, order=None):
+    """``(grid, args, kwargs)`` of one launch; shared by the launcher and the sm_90 compile test. ``order``:
+    the key blocks in the order the CTAs take them (default :func:`.layout_ops.cached_work_order` of
+    ``q_counts``)."""
     B, H, Sq, _ = q.shape
     Skv = k.shape[2]
-    cs = broadcast_strides(q_counts)
-    is_ = broadcast_strides(q_indices)
+    if order is None:
+        order = cached_work_order(q_counts)
+    cs, is_, os_ = broadcast_strides(q_counts), broadcast_strides(q_indices), broadcast_strides(order)
     args = (tma_descriptor(q, BLOCK_M), tma_descriptor(do, BLOCK_M), tma_descriptor(k, BLOCK),
             tma_descriptor(v, BLOCK), tma_descriptor(dk, BLOCK // 2), tma_descriptor(dv, BLOCK // 2),
-            lse, delta, q_counts, q_indices, H, Sq, float(scale) * LOG2E, float(scale),
-            cs[0], cs[1], cs[2], is_[0], is_[1], is_[2])
+            lse, delta, q_counts, q_indices, order, H, Sq, float(scale) * LOG2E, float(scale), *cs, *is_[:3], *os_)
     kwargs = dict(NUM_STAGES=num_stages, PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS,
                   num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)
     grid = (triton.cdiv(Skv, BLOCK), B * H)

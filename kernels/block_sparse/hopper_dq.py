@@ -14,7 +14,8 @@ runs after this one - so the backward has no preprocess launch (it re-read dO an
 
 Design (the dK/dV kernel of ``hopper_dkdv.py`` with queries and keys swapped)
 -----------------------------------------------------------------------------
-One CTA per (query block of 128 rows, batch x head): grid ``(Mq, B*H)``, 12 warps in three partitions:
+One CTA per (query block of 128 rows, batch x head): grid ``(Mq, B*H)``, the query blocks of a (batch, head)
+taken longest key list first (``layout_ops.work_order``), 12 warps in three partitions:
 
 * producer (1 warp): TMA-loads the CTA's Q and dO tiles once, then walks ``kv_indices[b, h, m, :count]``
   and TMA-loads 128-key tiles of K and V (rows past ``Skv`` arrive as zeros) into a ring of ``NUM_STAGES``
@@ -43,6 +44,7 @@ bit-identical to it. Issuing S and dP together each step instead of S early was 
 from __future__ import annotations
 
 from ._common import LOG2E, bhs_strides, broadcast_strides, new_output
+from .layout_ops import cached_work_order
 from ._hopper_common import (
     BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, tma_descriptor,
 )
@@ -197,10 +199,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _hopper_dq_kernel(
-        q_desc, do_desc, k_desc, v_desc, dq_desc, lse_ptr, delta_ptr, o_ptr, dlse_ptr, counts_ptr, idx_ptr,
+        q_desc, do_desc, k_desc, v_desc, dq_desc, lse_ptr, delta_ptr, o_ptr, dlse_ptr, counts_ptr, idx_ptr, order_ptr,
         H, q_len, qk_scale, scale,
         stride_ob, stride_oh, stride_os,
-        stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+        stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im, stride_wb, stride_wh, stride_wm,
         NUM_STAGES: gl.constexpr, FUSED_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ):
@@ -210,8 +212,9 @@ if HAVE_GLUON:
         gl.static_assert(BLOCK_M == 128 and HEAD_DIM == 128 and BLOCK_N == 128)
         gl.static_assert(dq_desc.block_type.shape[2] == BLOCK_M // 2)
 
-        b, h, bh, q_row0, n, my_idx = _cta_block_list(counts_ptr, idx_ptr, H, stride_cb, stride_ch, stride_cm,
-                                                      stride_ib, stride_ih, stride_im, BLOCK_M)
+        b, h, bh, q_row0, n, my_idx = _cta_block_list(
+            counts_ptr, idx_ptr, order_ptr, H, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+            stride_wb, stride_wh, stride_wm, BLOCK_M)
 
         q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
         do_smem = gl.allocate_shared_memory(do_desc.dtype, do_desc.block_type.shape, do_desc.layout)
@@ -242,18 +245,20 @@ if HAVE_GLUON:
 
 
 def kernel_launch(q, k, v, do, lse, delta, dq, kv_counts, kv_indices, scale: float,
-                  num_stages: int = NUM_STAGES, o=None, dlse=None):
+                  num_stages: int = NUM_STAGES, o=None, dlse=None, order=None):
     """``(grid, args, kwargs)`` of one launch; shared by the launcher and the sm_90 compile test. With ``o``
-    the kernel computes ``delta`` (and writes it) instead of reading it."""
+    the kernel computes ``delta`` (and writes it) instead of reading it. ``order``: the query blocks in the
+    order the CTAs take them (default :func:`.layout_ops.cached_work_order` of ``kv_counts``)."""
     B, H, Sq, _ = q.shape
-    cs = broadcast_strides(kv_counts)
-    is_ = broadcast_strides(kv_indices)
+    if order is None:
+        order = cached_work_order(kv_counts)
+    cs, is_, os_ = broadcast_strides(kv_counts), broadcast_strides(kv_indices), broadcast_strides(order)
     fused = o is not None
     o_arg = o if fused else delta  # an unused pointer argument when delta is given
     args = (tma_descriptor(q, BLOCK), tma_descriptor(do, BLOCK), tma_descriptor(k, BLOCK), tma_descriptor(v, BLOCK),
             tma_descriptor(dq, BLOCK // 2), lse, delta, o_arg, dlse if dlse is not None else delta,
-            kv_counts, kv_indices, H, Sq, float(scale) * LOG2E, float(scale),
-            *(bhs_strides(o) if fused else (0, 0, 0)), cs[0], cs[1], cs[2], is_[0], is_[1], is_[2])
+            kv_counts, kv_indices, order, H, Sq, float(scale) * LOG2E, float(scale),
+            *(bhs_strides(o) if fused else (0, 0, 0)), *cs, *is_[:3], *os_)
     kwargs = dict(NUM_STAGES=num_stages, FUSED_DELTA=fused, HAS_DLSE=fused and dlse is not None,
                   PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)
     grid = (triton.cdiv(Sq, BLOCK), B * H)

@@ -6,8 +6,9 @@ by the custom op (``function.py``) whenever :func:`hopper_fwd_supported` says so
 GPUs, head dims 64 / 96, 64-blocks, fp32, the CPU interpreter, sparse-linear attention's fused launch)
 runs the portable Triton kernel, which stays the reference implementation for tests on CPU.
 
-One CTA per (query block, batch x head), grid ``(Mq, B*H)``, 12 warps in three partitions
-(``gl.warp_specialize``), FA3-like:
+One CTA per (query block, batch x head), grid ``(Mq, B*H)``, the query blocks of a (batch, head) taken
+longest key list first (``layout_ops.work_order``: the natural order where every row is as long), 12 warps in
+three partitions (``gl.warp_specialize``), FA3-like:
 
 * producer (1 warp, 24 registers): TMA-loads the query tile once, then walks the block's index list and
   TMA-loads K_j and V_j into a ring of ``NUM_STAGES`` shared buffers. Each stage has separate "ready"
@@ -43,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from ._common import LOG2E, broadcast_strides, new_output
+from .layout_ops import cached_work_order
 from ._hopper_common import (
     BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, hopper_supported,
     tma_descriptor,
@@ -260,9 +262,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _hopper_fwd_kernel(
-        q_desc, k_desc, v_desc, o_desc, lse_ptr, counts_ptr, idx_ptr,
+        q_desc, k_desc, v_desc, o_desc, lse_ptr, counts_ptr, idx_ptr, order_ptr,
         H, q_len, kv_len, qk_scale,
-        stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+        stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im, stride_wb, stride_wh, stride_wm,
         NUM_STAGES: gl.constexpr, EVEN_KV: gl.constexpr, PINGPONG: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ):
@@ -271,8 +273,9 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
         gl.static_assert(BLOCK_M == 128 and BLOCK_N == 128 and HEAD_DIM == 128)
 
-        b, h, bh, q_row0, count, my_idx = _cta_block_list(counts_ptr, idx_ptr, H, stride_cb, stride_ch, stride_cm,
-                                                          stride_ib, stride_ih, stride_im, BLOCK_M)
+        b, h, bh, q_row0, count, my_idx = _cta_block_list(
+            counts_ptr, idx_ptr, order_ptr, H, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+            stride_wb, stride_wh, stride_wm, BLOCK_M)
 
         q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -308,16 +311,18 @@ if HAVE_GLUON:
 
 
 def kernel_launch(q, k, v, o, lse, kv_counts, kv_indices, scale: float, num_stages: int = NUM_STAGES,
-                  pingpong: bool = False):
+                  pingpong: bool = False, order=None):
     """``(grid, args, kwargs)`` of one launch of the Gluon kernel; shared by the launcher and the sm_90
-    compile test (which compiles it on a machine without a GPU)."""
+    compile test (which compiles it on a machine without a GPU). ``order``: the query blocks in the order
+    the CTAs take them (default :func:`.layout_ops.cached_work_order` of ``kv_counts``)."""
     B, H, Sq, _ = q.shape
     Skv = k.shape[2]
-    cs = broadcast_strides(kv_counts)
-    is_ = broadcast_strides(kv_indices)
+    if order is None:
+        order = cached_work_order(kv_counts)
+    cs, is_, os_ = broadcast_strides(kv_counts), broadcast_strides(kv_indices), broadcast_strides(order)
     args = (tma_descriptor(q, BLOCK), tma_descriptor(k, BLOCK), tma_descriptor(v, BLOCK),
-            tma_descriptor(o, BLOCK // NUM_CONSUMERS), lse, kv_counts, kv_indices, H, Sq, Skv, float(scale) * LOG2E,
-            cs[0], cs[1], cs[2], is_[0], is_[1], is_[2])
+            tma_descriptor(o, BLOCK // NUM_CONSUMERS), lse, kv_counts, kv_indices, order, H, Sq, Skv,
+            float(scale) * LOG2E, *cs, *is_[:3], *os_)
     kwargs = dict(NUM_STAGES=num_stages, EVEN_KV=Skv % BLOCK == 0, PINGPONG=pingpong, PRODUCER_REGS=PRODUCER_REGS,
                   CONSUMER_REGS=CONSUMER_REGS, num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)
     grid = (triton.cdiv(Sq, BLOCK), B * H)

@@ -1,10 +1,15 @@
-"""Layout tensors as the kernels take them: the transposed layout the dK/dV kernel walks, and whether a
-layout keeps every key block (the forward's compile-time full-row path).
+"""Layout tensors as the kernels take them: the transposed layout the dK/dV kernel walks, the order in
+which the Hopper kernels take their blocks, and whether a layout keeps every key block (the forward's
+compile-time full-row path).
 
 :func:`transpose_layout_tensors` computes ``(q_counts [B, H, Mk], q_indices [B, H, Mk, Mq])`` from the
 forward lists with a cumsum + scatter (no sort), so it costs a few passes over ``B*H*Mq*Mk`` bytes and
 traces under ``torch.compile``. :func:`cached_transpose` memoises it per ``kv_indices`` tensor in eager
 mode, so a layout reused across denoising steps or training iterations is transposed once.
+
+:func:`work_order` lists each (batch, head)'s blocks longest list first, the order in which the Hopper
+kernels' CTAs take them (longest-processing-time-first: the short CTAs fill the last wave instead of a long
+one running alone at the end); :func:`cached_work_order` memoises it the same way.
 
 :func:`full_rows_hint` says whether every query block of a layout keeps all key blocks, without a host
 sync: the first call per ``kv_counts`` tensor starts an asynchronous device-to-host copy of the answer and
@@ -18,7 +23,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["transpose_layout_tensors", "cached_transpose", "full_rows_hint"]
+__all__ = ["transpose_layout_tensors", "cached_transpose", "work_order", "cached_work_order", "full_rows_hint"]
 
 
 def transpose_layout_tensors(
@@ -71,6 +76,31 @@ def cached_transpose(
     result = transpose_layout_tensors(kv_counts, kv_indices, num_q_blocks)
     _CACHE[kv_indices] = (stamp, weakref.ref(kv_counts), result)
     return result
+
+
+def work_order(counts: torch.Tensor) -> torch.Tensor:
+    """Block indices of every (batch, head) row of ``counts`` (int32 ``[B|1, H|1, M]``, any strides), the
+    longest list first and equal lists in ascending block order (so a uniform layout keeps the natural
+    order): int32, contiguous, shaped like ``counts``. A kernel's CTA ``i`` of a row takes block
+    ``order[..., i]``."""
+    return torch.argsort(counts, dim=-1, descending=True, stable=True).to(torch.int32)
+
+
+# counts tensor -> (its version, work_order(counts)).
+_ORDER = WeakTensorKeyDictionary()
+
+
+def cached_work_order(counts: torch.Tensor) -> torch.Tensor:
+    """:func:`work_order`, remembered per (unmodified) ``counts`` tensor: a layout reused across denoising
+    steps or training iterations is sorted once."""
+    if torch.compiler.is_compiling() or counts.is_inference():
+        return work_order(counts)
+    hit = _ORDER.get(counts)
+    if hit is not None and hit[0] == counts._version:
+        return hit[1]
+    order = work_order(counts)
+    _ORDER[counts] = (counts._version, order)
+    return order
 
 
 # kv_counts tensor -> [(its version, Mk), host answer (0-dim bool tensor), CUDA event or None, resolved bool|None].

@@ -201,6 +201,46 @@ def test_full_rows_hint_is_known_from_the_second_call():
     assert [full_rows_hint(frozen.kv_counts, frozen.num_kv_blocks) for _ in range(2)] == [False, False]
 
 
+@FEW
+@given(b=st.sampled_from([1, 2]), h=st.integers(1, 3), m=st.integers(1, 40), seed=st.integers(0, 2**16),
+       broadcast=st.booleans())
+def test_work_order_is_each_rows_blocks_longest_list_first(b, h, m, seed, broadcast):
+    """A permutation of every (batch, head) row's blocks, counts non-increasing along it, equal counts in
+    ascending block order; int32 and shaped like the counts (also broadcast ``[1, 1, M]`` ones)."""
+    from dit_sparse.kernels.block_sparse.layout_ops import work_order
+
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 4, (b, h, m), generator=g, dtype=torch.int32)
+    if broadcast:
+        counts = counts[:1, :1].expand(b, h, m)
+    order = work_order(counts)
+    assert order.dtype == torch.int32 and order.shape == counts.shape and order.is_contiguous()
+    assert torch.equal(order.sort(-1).values, torch.arange(m, dtype=torch.int32).expand(b, h, m))
+    along = counts.gather(-1, order.long())
+    assert (along[..., :-1] >= along[..., 1:]).all()
+    ties = along[..., :-1] == along[..., 1:]
+    assert (order[..., :-1][ties] < order[..., 1:][ties]).all()
+
+
+def test_work_order_keeps_a_uniform_layout_in_natural_order_and_is_cached():
+    """Every row of a uniform layout as long: the natural order, the kernels' launch order unchanged. The
+    cached order is reused until the counts change in place, and never kept for inference tensors."""
+    from dit_sparse.kernels.block_sparse.layout_ops import cached_work_order, work_order
+
+    uniform = torch.full((2, 3, 7), 5, dtype=torch.int32)
+    assert torch.equal(work_order(uniform), torch.arange(7, dtype=torch.int32).expand(2, 3, 7))
+    counts = torch.tensor([[[1, 3, 2, 3]]], dtype=torch.int32)
+    first = cached_work_order(counts)
+    assert first.tolist() == [[[1, 3, 2, 0]]]
+    assert cached_work_order(counts) is first
+    counts[0, 0, 0] = 9
+    assert cached_work_order(counts).tolist() == [[[0, 1, 3, 2]]]
+    with torch.inference_mode():
+        frozen = torch.tensor([[[2, 4]]], dtype=torch.int32)
+        assert cached_work_order(frozen).tolist() == [[[1, 0]]]
+        assert cached_work_order(frozen) is not cached_work_order(frozen)
+
+
 @needs_triton
 def test_dense_layout_same_result_on_first_and_later_calls(monkeypatch):
     """First call: index-list loop; later calls: the full-row loop. Same key order, so the same numbers."""

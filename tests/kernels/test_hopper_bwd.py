@@ -190,6 +190,39 @@ def test_matches_reference_on_hopper(monkeypatch, dtype, S, Skv, bshd, broadcast
 
 
 @needs_hopper
+def test_launch_order_changes_nothing_but_the_order():
+    """The CTAs take their blocks longest list first (``layout_ops.work_order``); each block's work is the
+    same in any launch order, so dK / dV / dQ are bit-identical to the natural order's."""
+    B, H, S = 2, 3, 1300
+    q, k, v, do = qkv(B, H, S, S, device="cuda", n=4)
+    m = -(-S // 128)
+    keep = random_keep(B, H, m, m, 0.2, seed=5)
+    keep[..., :, 4] = True  # one key block every query keeps, another none: very different list lengths
+    keep[..., :, 6] = False
+    layout = BlockLayout.from_block_mask_tensor(keep.cuda(), S, S)
+    scale = 128 ** -0.5
+    lse = torch.randn(B, H, S, device="cuda").abs() + 3.0
+    delta = torch.randn(B, H, S, device="cuda")
+    q_counts, q_indices = transpose_layout_tensors(layout.kv_counts, layout.kv_indices, m)
+    natural = torch.arange(m, dtype=torch.int32, device="cuda").expand(B, H, m).contiguous()
+    assert not torch.equal(hopper_dkdv.cached_work_order(q_counts), natural)
+    runs = []
+    for order in (None, natural):
+        dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
+        grid, args, kwargs = hopper_dkdv.kernel_launch(q, k, v, do, lse, delta, dk, dv, q_counts, q_indices, scale,
+                                                       order=order)
+        hopper_dkdv._hopper_dkdv_kernel[grid](*args, **kwargs)
+        grid, args, kwargs = hopper_dq.kernel_launch(q, k, v, do, lse, delta, dq, layout.kv_counts,
+                                                     layout.kv_indices, scale, order=order)
+        hopper_dq._hopper_dq_kernel[grid](*args, **kwargs)
+        runs.append((dk, dv, dq))
+    for name, first, second in zip(("dk", "dv", "dq"), *runs):
+        assert torch.isfinite(first).all(), name
+        assert torch.equal(first, second), name
+    assert (runs[0][0][:, :, 6 * 128:7 * 128] == 0).all()
+
+
+@needs_hopper
 def test_dq_with_scores_far_below_the_lse(monkeypatch):
     """Rows whose real scores all lie far below 0 have a very negative lse; the zero-filled key columns
     past Skv (score 0) must not overflow the exponent (the kernel clamps it)."""

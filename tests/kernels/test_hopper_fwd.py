@@ -129,6 +129,28 @@ def test_pingpong_schedule_is_bit_identical(S, Skv):
 
 
 @needs_hopper
+def test_launch_order_changes_nothing_but_the_order():
+    """Query blocks taken longest list first (the default) or in natural order: bit-identical results."""
+    B, H, S = 2, 3, 1300
+    q, k, v = _qkv(B, H, S, S, device="cuda")
+    m = -(-S // 128)
+    keep = random_keep(B, H, m, m, 0.2, seed=7)
+    keep[..., 5, :] = True  # one query block keeps every key block
+    layout = BlockLayout.from_block_mask_tensor(keep.cuda(), S, S)
+    natural = torch.arange(m, dtype=torch.int32, device="cuda").expand(B, H, m).contiguous()
+    assert not torch.equal(hopper_fwd.cached_work_order(layout.kv_counts), natural)
+    runs = []
+    for order in (None, natural):
+        o, lse = hopper_fwd.new_output(q), torch.empty(B, H, S, device="cuda")
+        grid, args, kwargs = hopper_fwd.kernel_launch(q, k, v, o, lse, layout.kv_counts, layout.kv_indices, 0.09,
+                                                      order=order)
+        hopper_fwd._hopper_fwd_kernel[grid](*args, **kwargs)
+        runs.append((o, lse))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert torch.isfinite(runs[0][0]).all() and (runs[0][0][:, :, :128] == 0).all()
+
+
+@needs_hopper
 def test_public_api_uses_it_and_backward_agrees():
     B, H, S = 1, 2, 900
     q, k, v = (t.requires_grad_() for t in _qkv(B, H, S, S, device="cuda", bshd=True))
