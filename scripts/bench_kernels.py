@@ -401,8 +401,8 @@ SAME_FOR_MERGE = ("gpu", "torch", "triton", "cuda", "cudnn", "rounds", "sustain_
 
 def merge_reports(payloads: list[dict]) -> dict:
     """One report from runs of different shapes (e.g. one shape per GPU of a host, run at the same time):
-    rows, checks and schedules concatenated, the dates of all runs kept. Raises ``ValueError`` when the runs
-    differ in GPU, versions or method, or share a shape."""
+    rows, checks and schedules concatenated, the dates of all runs kept (each distinct one once). Raises
+    ``ValueError`` when the runs differ in GPU, versions or method, or share a shape."""
     if len(payloads) < 2:
         raise ValueError("--merge needs at least two JSON reports")
     first = payloads[0]["env"]
@@ -413,7 +413,8 @@ def merge_reports(payloads: list[dict]) -> dict:
     shapes = [s for p in payloads for s in p["args"]["shapes"]]
     if len(set(shapes)) != len(shapes):
         raise ValueError(f"runs share a shape ({shapes}); merge runs of different shapes")
-    env = dict(first, date="; ".join(p["env"]["date"] for p in payloads), merged_from=len(payloads))
+    dates = list(dict.fromkeys(p["env"]["date"] for p in payloads))  # runs started in the same minute: once
+    env = dict(first, date="; ".join(dates), merged_from=len(payloads))
     env["fwd_schedule"] = {k: v for p in payloads for k, v in p["env"].get("fwd_schedule", {}).items()}
     return dict(env=env, args=dict(payloads[0]["args"], shapes=shapes),
                 rows=[r for p in payloads for r in p["rows"]],

@@ -121,6 +121,11 @@ def test_merge_joins_runs_of_different_shapes(bench, tmp_path):
     assert "date: d1; d2" in md and "merged from 2 runs" in md and "wan free, hunyuan free" in md
 
 
+def test_merge_names_a_date_shared_by_runs_once(bench):
+    merged = bench.merge_reports([_payload("wan", "d1"), _payload("hunyuan", "d1")])
+    assert merged["env"]["date"] == "d1" and merged["env"]["merged_from"] == 2
+
+
 @pytest.mark.parametrize("second, match", [
     (_payload("wan", "d2"), "share a shape"),
     (_payload("hunyuan", "d2", sustain_s=0.0), "sustain_s"),
