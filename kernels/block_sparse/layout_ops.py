@@ -66,8 +66,12 @@ _CACHE = WeakTensorKeyDictionary()
 def cached_transpose(
     kv_counts: torch.Tensor, kv_indices: torch.Tensor, num_q_blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`transpose_layout_tensors`, remembered per (unmodified) ``kv_indices`` / ``kv_counts`` pair."""
-    if torch.compiler.is_compiling():
+    """:func:`transpose_layout_tensors`, remembered per (unmodified) ``kv_indices`` / ``kv_counts`` pair.
+
+    Not while a CUDA graph is being captured: there the result is computed in the graph (a cached tensor read
+    by a graph could be freed when its entry is replaced, and one made during capture holds data only once
+    the graph replays)."""
+    if torch.compiler.is_compiling() or _capturing(kv_indices):
         return transpose_layout_tensors(kv_counts, kv_indices, num_q_blocks)
     stamp = (kv_indices._version, kv_counts._version)
     hit = _CACHE.get(kv_indices)
@@ -92,8 +96,9 @@ _ORDER = WeakTensorKeyDictionary()
 
 def cached_work_order(counts: torch.Tensor) -> torch.Tensor:
     """:func:`work_order`, remembered per (unmodified) ``counts`` tensor: a layout reused across denoising
-    steps or training iterations is sorted once."""
-    if torch.compiler.is_compiling() or counts.is_inference():
+    steps or training iterations is sorted once. Computed afresh while compiling, while a CUDA graph is being
+    captured (as :func:`cached_transpose`) and for inference tensors (no version counter)."""
+    if torch.compiler.is_compiling() or counts.is_inference() or _capturing(counts):
         return work_order(counts)
     hit = _ORDER.get(counts)
     if hit is not None and hit[0] == counts._version:
@@ -101,6 +106,11 @@ def cached_work_order(counts: torch.Tensor) -> torch.Tensor:
     order = work_order(counts)
     _ORDER[counts] = (counts._version, order)
     return order
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a CUDA tensor and its device's current stream is capturing a CUDA graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 # kv_counts tensor -> [(its version, Mk), host answer (0-dim bool tensor), CUDA event or None, resolved bool|None].
@@ -124,7 +134,7 @@ def full_rows_hint(kv_counts: torch.Tensor, num_kv_blocks: int) -> bool:
         if entry[3] is None and (entry[2] is None or _ready(entry[2])):
             entry[3] = bool(entry[1])
         return bool(entry[3])
-    if kv_counts.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _capturing(kv_counts):
         return False
     flag = (kv_counts == num_kv_blocks).all()
     if kv_counts.is_cuda:

@@ -241,6 +241,25 @@ def test_work_order_keeps_a_uniform_layout_in_natural_order_and_is_cached():
         assert cached_work_order(frozen) is not cached_work_order(frozen)
 
 
+def test_layout_caches_are_bypassed_while_a_cuda_graph_is_captured(monkeypatch):
+    """During capture the transposed layout and the work order are computed in the graph, neither read from
+    nor stored in the caches (a stored one would hold data only after a replay)."""
+    from dit_sparse.kernels.block_sparse import layout_ops
+
+    layout = random_layout(1, 2, 300, 200, 64, 64, 0.5, 3)
+    counts, idx = layout.kv_counts.clone(), layout.kv_indices.clone()
+    monkeypatch.setattr(layout_ops, "_capturing", lambda t: True)
+    orders = [layout_ops.cached_work_order(counts) for _ in range(2)]
+    transposed = [layout_ops.cached_transpose(counts, idx, layout.num_q_blocks) for _ in range(2)]
+    assert orders[0] is not orders[1] and transposed[0][0] is not transposed[1][0]
+    assert torch.equal(orders[0], layout_ops.work_order(counts))
+    assert counts not in layout_ops._ORDER and idx not in layout_ops._CACHE
+    monkeypatch.setattr(layout_ops, "_capturing", lambda t: False)
+    assert layout_ops.cached_work_order(counts) is layout_ops.cached_work_order(counts)
+    assert layout_ops.cached_transpose(counts, idx, layout.num_q_blocks)[0] is \
+        layout_ops.cached_transpose(counts, idx, layout.num_q_blocks)[0]
+
+
 @needs_triton
 def test_dense_layout_same_result_on_first_and_later_calls(monkeypatch):
     """First call: index-list loop; later calls: the full-row loop. Same key order, so the same numbers."""
