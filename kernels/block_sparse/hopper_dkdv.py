@@ -48,10 +48,10 @@ order with it 2.07-2.09 against the previous kernel's 2.06-2.10 at Wan 10%).
 from __future__ import annotations
 
 from ._common import LOG2E, broadcast_strides, new_output
-from .layout_ops import cached_work_order
 from ._hopper_common import (
     BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, tma_descriptor,
 )
+from .layout_ops import cached_work_order
 
 __all__ = ["hopper_dkdv", "kernel_launch"]
 

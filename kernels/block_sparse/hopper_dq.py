@@ -44,10 +44,10 @@ bit-identical to it. Issuing S and dP together each step instead of S early was 
 from __future__ import annotations
 
 from ._common import LOG2E, bhs_strides, broadcast_strides, new_output
-from .layout_ops import cached_work_order
 from ._hopper_common import (
     BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, tma_descriptor,
 )
+from .layout_ops import cached_work_order
 
 __all__ = ["hopper_dq", "kernel_launch"]
 

@@ -44,11 +44,11 @@ from __future__ import annotations
 import torch
 
 from ._common import LOG2E, broadcast_strides, new_output
-from .layout_ops import cached_work_order
 from ._hopper_common import (
     BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, hopper_supported,
     tma_descriptor,
 )
+from .layout_ops import cached_work_order
 
 __all__ = ["hopper_fwd_supported", "hopper_block_sparse_fwd", "kernel_launch", "pingpong_wanted"]
 
