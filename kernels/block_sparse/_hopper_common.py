@@ -1,6 +1,7 @@
-"""What the warp-specialised Gluon kernels for Hopper (``hopper_fwd.py``, ``hopper_dkdv.py``) share: the
-Gluon imports (absent from older triton builds, in which case every call takes the Triton kernels), the
-launch geometry, which inputs they take, 4-D TMA descriptors and two small jit helpers.
+"""What the warp-specialised Gluon kernels for Hopper (``hopper_fwd.py``, ``hopper_dq.py``, ``hopper_dkdv.py``)
+share: the Gluon imports (absent from older triton builds, in which case every call takes the Triton kernels),
+the launch geometry, which inputs they take, 4-D TMA descriptors, a launch's layout arguments
+(:func:`layout_args`) and the jit helpers that read them and view tiles.
 
 Geometry common to all of them: 128x128 layout blocks, head dim 128, 12 warps in three partitions - two
 4-warp consumer warpgroups and a 1-warp TMA producer. The launch gives every warp ``MAXNREG`` registers
@@ -14,9 +15,12 @@ import os
 
 import torch
 
-from ._common import interpreting, tma_addressable
+from ._common import broadcast_strides, interpreting, tma_addressable
+from .layout_ops import cached_work_order
 
-__all__ = ["HAVE_GLUON", "BLOCK", "HEAD_DIM", "hopper_supported", "hopper_bwd_supported", "tma_descriptor"]
+__all__ = [
+    "HAVE_GLUON", "BLOCK", "HEAD_DIM", "hopper_supported", "hopper_bwd_supported", "layout_args", "tma_descriptor",
+]
 
 BLOCK = 128
 HEAD_DIM = 128
@@ -83,6 +87,16 @@ def tma_descriptor(t: torch.Tensor, rows: int):
     strides = [s if n > 1 else filler for n, s in zip(t.shape, t.stride())]
     strides[-1] = 1
     return TensorDescriptor(t, list(t.shape), strides, block, layout)
+
+
+def layout_args(counts: torch.Tensor, indices: torch.Tensor, order: torch.Tensor | None = None):
+    """A launch's layout arguments, the host side of :func:`cta_block_list`: the counts, index-list and
+    work-order tensors, and their batch / head / block strides (size-1 dims as 0). ``order`` defaults to
+    :func:`.layout_ops.cached_work_order` of ``counts`` (longest list first)."""
+    if order is None:
+        order = cached_work_order(counts)
+    strides = (*broadcast_strides(counts), *broadcast_strides(indices)[:3], *broadcast_strides(order))
+    return (counts, indices, order), strides
 
 
 if HAVE_GLUON:

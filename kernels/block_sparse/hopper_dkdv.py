@@ -47,11 +47,10 @@ order with it 2.07-2.09 against the previous kernel's 2.06-2.10 at Wan 10%).
 
 from __future__ import annotations
 
-from ._common import LOG2E, broadcast_strides, new_output
+from ._common import LOG2E, new_output
 from ._hopper_common import (
-    BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, tma_descriptor,
+    BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, layout_args, tma_descriptor,
 )
-from .layout_ops import cached_work_order
 
 __all__ = ["hopper_dkdv", "kernel_launch"]
 
@@ -276,16 +275,14 @@ if HAVE_GLUON:
 def kernel_launch(q, k, v, do, lse, delta, dk, dv, q_counts, q_indices, scale: float,
                   num_stages: int = NUM_STAGES, order=None):
     """``(grid, args, kwargs)`` of one launch; shared by the launcher and the sm_90 compile test. ``order``:
-    the key blocks in the order the CTAs take them (default :func:`.layout_ops.cached_work_order` of
-    ``q_counts``)."""
+    the key blocks in the order the CTAs take them (default longest list first:
+    :func:`._hopper_common.layout_args`)."""
     B, H, Sq, _ = q.shape
     Skv = k.shape[2]
-    if order is None:
-        order = cached_work_order(q_counts)
-    cs, is_, os_ = broadcast_strides(q_counts), broadcast_strides(q_indices), broadcast_strides(order)
+    layout, layout_strides = layout_args(q_counts, q_indices, order)
     args = (tma_descriptor(q, BLOCK_M), tma_descriptor(do, BLOCK_M), tma_descriptor(k, BLOCK),
             tma_descriptor(v, BLOCK), tma_descriptor(dk, BLOCK // 2), tma_descriptor(dv, BLOCK // 2),
-            lse, delta, q_counts, q_indices, order, H, Sq, float(scale) * LOG2E, float(scale), *cs, *is_[:3], *os_)
+            lse, delta, *layout, H, Sq, float(scale) * LOG2E, float(scale), *layout_strides)
     kwargs = dict(NUM_STAGES=num_stages, PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS,
                   num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)
     grid = (triton.cdiv(Skv, BLOCK), B * H)

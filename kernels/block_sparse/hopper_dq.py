@@ -43,11 +43,10 @@ bit-identical to it. Issuing S and dP together each step instead of S early was 
 
 from __future__ import annotations
 
-from ._common import LOG2E, bhs_strides, broadcast_strides, new_output
+from ._common import LOG2E, bhs_strides, new_output
 from ._hopper_common import (
-    BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, tma_descriptor,
+    BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, layout_args, tma_descriptor,
 )
-from .layout_ops import cached_work_order
 
 __all__ = ["hopper_dq", "kernel_launch"]
 
@@ -248,17 +247,15 @@ def kernel_launch(q, k, v, do, lse, delta, dq, kv_counts, kv_indices, scale: flo
                   num_stages: int = NUM_STAGES, o=None, dlse=None, order=None):
     """``(grid, args, kwargs)`` of one launch; shared by the launcher and the sm_90 compile test. With ``o``
     the kernel computes ``delta`` (and writes it) instead of reading it. ``order``: the query blocks in the
-    order the CTAs take them (default :func:`.layout_ops.cached_work_order` of ``kv_counts``)."""
+    order the CTAs take them (default longest list first: :func:`._hopper_common.layout_args`)."""
     B, H, Sq, _ = q.shape
-    if order is None:
-        order = cached_work_order(kv_counts)
-    cs, is_, os_ = broadcast_strides(kv_counts), broadcast_strides(kv_indices), broadcast_strides(order)
+    layout, layout_strides = layout_args(kv_counts, kv_indices, order)
     fused = o is not None
     o_arg = o if fused else delta  # an unused pointer argument when delta is given
     args = (tma_descriptor(q, BLOCK), tma_descriptor(do, BLOCK), tma_descriptor(k, BLOCK), tma_descriptor(v, BLOCK),
             tma_descriptor(dq, BLOCK // 2), lse, delta, o_arg, dlse if dlse is not None else delta,
-            kv_counts, kv_indices, order, H, Sq, float(scale) * LOG2E, float(scale),
-            *(bhs_strides(o) if fused else (0, 0, 0)), *cs, *is_[:3], *os_)
+            *layout, H, Sq, float(scale) * LOG2E, float(scale), *(bhs_strides(o) if fused else (0, 0, 0)),
+            *layout_strides)
     kwargs = dict(NUM_STAGES=num_stages, FUSED_DELTA=fused, HAS_DLSE=fused and dlse is not None,
                   PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)
     grid = (triton.cdiv(Sq, BLOCK), B * H)

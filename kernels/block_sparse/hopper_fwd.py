@@ -43,12 +43,11 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LOG2E, broadcast_strides, new_output
+from ._common import LOG2E, new_output
 from ._hopper_common import (
-    BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, hopper_supported,
+    BLOCK, CONSUMER_REGS, CONSUMER_WARPS, HAVE_GLUON, MAXNREG, PRODUCER_REGS, hopper_supported, layout_args,
     tma_descriptor,
 )
-from .layout_ops import cached_work_order
 
 __all__ = ["hopper_fwd_supported", "hopper_block_sparse_fwd", "kernel_launch", "pingpong_wanted"]
 
@@ -314,15 +313,13 @@ def kernel_launch(q, k, v, o, lse, kv_counts, kv_indices, scale: float, num_stag
                   pingpong: bool = False, order=None):
     """``(grid, args, kwargs)`` of one launch of the Gluon kernel; shared by the launcher and the sm_90
     compile test (which compiles it on a machine without a GPU). ``order``: the query blocks in the order
-    the CTAs take them (default :func:`.layout_ops.cached_work_order` of ``kv_counts``)."""
+    the CTAs take them (default longest list first: :func:`._hopper_common.layout_args`)."""
     B, H, Sq, _ = q.shape
     Skv = k.shape[2]
-    if order is None:
-        order = cached_work_order(kv_counts)
-    cs, is_, os_ = broadcast_strides(kv_counts), broadcast_strides(kv_indices), broadcast_strides(order)
+    layout, layout_strides = layout_args(kv_counts, kv_indices, order)
     args = (tma_descriptor(q, BLOCK), tma_descriptor(k, BLOCK), tma_descriptor(v, BLOCK),
-            tma_descriptor(o, BLOCK // NUM_CONSUMERS), lse, kv_counts, kv_indices, order, H, Sq, Skv,
-            float(scale) * LOG2E, *cs, *is_[:3], *os_)
+            tma_descriptor(o, BLOCK // NUM_CONSUMERS), lse, *layout, H, Sq, Skv, float(scale) * LOG2E,
+            *layout_strides)
     kwargs = dict(NUM_STAGES=num_stages, EVEN_KV=Skv % BLOCK == 0, PINGPONG=pingpong, PRODUCER_REGS=PRODUCER_REGS,
                   CONSUMER_REGS=CONSUMER_REGS, num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)
     grid = (triton.cdiv(Sq, BLOCK), B * H)
